@@ -1,0 +1,402 @@
+"""Tests for adept.py: seeded, offline, small data. Run: pytest -q test_adept.py"""
+
+import ast
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # Minari's download then fails at once instead of retrying for ~20 s
+
+import adept  # noqa: E402
+from adept import Args  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SIZE = 1000  # transitions of the tiny random dataset the tests share
+
+
+@pytest.fixture(scope="session", autouse=True)
+def minari_store(tmp_path_factory):
+    """A private Minari store, so tests never touch (or depend on) the user's datasets."""
+    store = tmp_path_factory.mktemp("minari")
+    os.environ["MINARI_DATASETS_PATH"] = str(store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def data(minari_store):
+    return adept.load_transitions(Args(dataset_size=SIZE))
+
+
+def tiny(tmp_path, **kw) -> Args:
+    """Every phase of a run, at a size that takes seconds."""
+    base = dict(dataset_size=SIZE, total_steps=40, eval_every=20, eval_episodes=2, log_every=20, batch_size=32,
+                hidden=32, cuda=False, output_dir=str(tmp_path), world_model_steps=50, behavior_steps=20,
+                model_hidden=32, is_batch_size=64, rollout_every=10, rollout_batch_size=8, model_buffer_size=1000,
+                diag_samples=16)
+    return Args(**{**base, **kw})
+
+
+def run_cli(*argv, **env):
+    return subprocess.run([sys.executable, "adept.py", *argv], cwd=HERE, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+def test_help_without_warnings_and_every_field_documented():
+    r = run_cli("--help")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    for flag in ("--env", "--dataset", "--agent", "--seed", "--cuda", "--no-cuda", "--total-steps", "--eval-every",
+                 "--eval-episodes", "--dataset-size", "--output-dir", "--resume", "--no-world-model",
+                 "--world-model-steps", "--horizon", "--is-batch-size", "--no-importance-sampling"):
+        assert flag in r.stdout, flag
+    # a docstring under every field of Args (tyro turns them into the --help text)
+    cls = next(n for n in ast.parse((HERE / "adept.py").read_text()).body
+               if isinstance(n, ast.ClassDef) and n.name == "Args")
+    body = cls.body
+    fields = [i for i, n in enumerate(body) if isinstance(n, ast.AnnAssign)]
+    assert len(fields) == len(adept.dataclasses.fields(Args))
+    for i in fields:
+        nxt = body[i + 1] if i + 1 < len(body) else None
+        assert isinstance(nxt, ast.Expr) and isinstance(nxt.value.value, str), body[i].target.id
+
+
+def test_offline_official_dataset_fails_with_a_short_message():
+    r = run_cli("--dataset", "medium", "--no-world-model")
+    assert r.returncode == 2
+    assert "mujoco/hopper/medium-v0" in r.stderr and "MINARI_DATASETS_PATH" in r.stderr
+    assert "--dataset random" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--env", "ant"], "ant"), (["--agent", "td3"], "td3"), (["--dataset", "replay"], "replay"),
+    (["--total-steps", "-5"], "--total-steps must be positive"), (["--batch-size", "0"], "--batch-size"),
+])
+def test_bad_input_exits_nonzero_without_traceback(argv, expect):
+    r = run_cli(*argv)
+    assert r.returncode != 0 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("field, value", [("total_steps", 0), ("batch_size", -1), ("eval_episodes", 0),
+                                          ("is_batch_size", 0), ("horizon", 0), ("model_ratio", 1.5),
+                                          ("gamma", 2.0), ("lr", 0.0)])
+def test_check_args_rejects_bad_budgets(field, value):
+    with pytest.raises(adept.UserError, match=field.replace("_", "-")):
+        adept.check_args(Args(**{field: value}))
+
+
+def test_resume_without_checkpoint_is_a_user_error(tmp_path, data):
+    with pytest.raises(adept.UserError, match="no checkpoint"):
+        adept.main(tiny(tmp_path, resume=True, world_model=False))
+
+
+def test_corrupt_dataset_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    args = Args(dataset_size=200)
+    adept.load_transitions(args)
+    (tmp_path / "adept/hopper/random-200-v0/data/main_data.hdf5").write_bytes(b"not an hdf5 file")
+    with pytest.raises(adept.UserError, match="unreadable"):
+        adept.load_transitions(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+def test_random_dataset_is_built_in_minari_and_reloaded(data, minari_store):
+    d, ref_min, ref_max = data
+    assert (ref_min, ref_max) == (-20.272305, 3234.3)  # D4RL's hopper references, from the dataset's metadata
+    assert (minari_store / "adept/hopper/random-1000-v0/data").is_dir()
+    assert d["obs"].shape == (SIZE, 11) and d["act"].shape == (SIZE, 3) and d["rew"].shape == (SIZE,)
+    assert np.abs(d["act"]).max() <= 1.0 and d["act"].std() > 0.5  # uniform in [-1, 1]: std 0.577
+    # transitions chain inside episodes; terminations and truncations are kept apart
+    ends = (d["terminal"] + d["timeout"]) > 0
+    np.testing.assert_array_equal(d["next_obs"][:-1][~ends[:-1]], d["obs"][1:][~ends[:-1]])
+    assert d["terminal"].sum() > 10 and d["timeout"][-1] == 1 and not (d["terminal"] * d["timeout"]).any()
+    again, _, _ = adept.load_transitions(Args(dataset_size=SIZE))  # from disk, not rebuilt
+    for k in d:
+        np.testing.assert_array_equal(d[k], again[k])
+
+
+def test_dataset_matches_the_simulator(data):
+    """set_state with an observation's joint positions and velocities, then the dataset's action, reproduces the
+    dataset's next observation and reward: the basis of the simulator check of the world model."""
+    d, _, _ = data
+    env = gym.make("Hopper-v5")
+    sim = env.unwrapped
+    ok = np.flatnonzero((np.abs(d["obs"][:, 5:]).max(1) < 9.9) & (np.abs(d["next_obs"][:, 5:]).max(1) < 9.9))[:50]
+    for i in ok:
+        env.reset(seed=0)
+        sim.set_state(np.concatenate([[0.0], d["obs"][i, :5]]), d["obs"][i, 5:])
+        obs, r, *_ = env.step(d["act"][i])
+        np.testing.assert_allclose(obs, d["next_obs"][i], atol=1e-4)
+        assert abs(r - d["rew"][i]) < 1e-4
+
+
+def test_normalizer_round_trip(data):
+    obs = torch.as_tensor(data[0]["obs"])
+    norm = adept.Normalizer(obs.mean(0), obs.std(0))
+    z = norm(obs)
+    assert torch.allclose(z.mean(0), torch.zeros(11), atol=1e-4)
+    assert torch.allclose(z.std(0), obs.std(0) / (obs.std(0) + 1e-3), atol=1e-4)  # std + eps, as CORL
+    assert torch.allclose(norm.inverse(z), obs, atol=1e-4)
+    assert set(norm.state_dict()) == {"mean", "std"}  # statistics travel with the checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses on hand-made tensors
+# ---------------------------------------------------------------------------------------------------------------
+def test_expectile_loss_is_asymmetric():
+    assert adept.expectile_loss(torch.tensor([2.0]), 0.7).item() == pytest.approx(0.7 * 4)
+    assert adept.expectile_loss(torch.tensor([-2.0]), 0.7).item() == pytest.approx(0.3 * 4)
+    assert adept.expectile_loss(torch.tensor([2.0, -2.0]), 0.5).item() == pytest.approx(0.5 * 4)
+
+
+def test_sac_target_and_losses():
+    r, d = torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])
+    y = adept.sac_target(r, d, q_next=torch.tensor([5.0, 5.0]), logp_next=torch.tensor([-1.0, -1.0]), alpha=0.5,
+                         gamma=0.9)
+    assert y.tolist() == pytest.approx([1 + 0.9 * (5 + 0.5), 1.0])  # a termination does not bootstrap
+    q = torch.tensor([[1.0, 2.0], [3.0, 2.0]])
+    assert adept.critic_loss(q, torch.tensor([2.0, 2.0])).item() == pytest.approx(0.5 + 0.5)
+    assert adept.sac_actor_loss(torch.tensor([1.0]), torch.tensor([-2.0]), 0.5).item() == pytest.approx(-2.0)
+    assert adept.iql_q_target(r, d, torch.tensor([3.0, 3.0]), 0.5).tolist() == pytest.approx([2.5, 1.0])
+    # AWR: exp(beta A) is clamped at 100
+    loss = adept.awr_actor_loss(torch.tensor([-1.0, -1.0]), torch.tensor([0.0, 10.0]), 3.0)
+    assert loss.item() == pytest.approx((1.0 + 100.0) / 2)
+
+
+def test_bc_log_likelihood_is_finite_at_the_action_bounds():
+    pi = adept.GaussianActor(4, 3, 16)
+    for p in pi.parameters():
+        torch.nn.init.zeros_(p)  # mean tanh(0) = 0, log std 0
+    a = torch.tensor([[1.0, -1.0, 1.0], [0.0, 0.0, 0.0]])
+    logp = pi.log_prob(torch.zeros(2, 4), a)
+    expected = [3 * (-0.5 - 0.5 * math.log(2 * math.pi)), 3 * (-0.5 * math.log(2 * math.pi))]
+    assert logp.tolist() == pytest.approx(expected, rel=1e-5)
+    assert adept.bc_loss(logp).item() == pytest.approx(-sum(expected) / 2, rel=1e-5)
+    sac_pi = adept.TanhGaussianActor(4, 3, 16)
+    assert torch.isfinite(sac_pi.log_prob(torch.zeros(2, 4), a)).all()
+
+
+def test_tanh_gaussian_sample_log_prob_agrees_with_log_prob():
+    torch.manual_seed(0)
+    pi = adept.TanhGaussianActor(4, 2, 16)
+    s = torch.randn(64, 4)
+    a, logp = pi.sample(s)
+    inside = a.abs().max(1).values < 0.999
+    assert torch.allclose(pi.log_prob(s, a)[inside], logp[inside], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Agents, end to end: training, evaluation, checkpoint, resume
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("agent", ["sac", "iql", "bc"])
+def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, agent):
+    s = adept.main(tiny(tmp_path, agent=agent, world_model=False))
+    run = tmp_path / f"hopper-random-{agent}-s0"
+    assert s["counts"]["policy_updates"] == 40 and s["counts"]["evaluations"] == 2
+    assert s["counts"]["checkpoints"] == 2 and s["counts"]["rollouts"] == 0 and s["mode"] == "none"
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [20, 40]
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("normalized_score", "normalized_score_std", "return", "env", "dataset", "agent", "seed",
+                "total_steps", "train_steps_per_second", "wall_seconds"):
+        assert key in summary, key
+    assert summary["normalized_score"] == pytest.approx(
+        100 * (summary["return"] + 20.272305) / (3234.3 + 20.272305))
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 40
+
+    resumed = adept.main(tiny(tmp_path, agent=agent, world_model=False, total_steps=60, resume=True))
+    assert resumed["counts"]["policy_updates"] == 60 and resumed["counts"]["evaluations"] == 3
+    assert [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [20, 40, 60]
+
+
+def test_resume_continues_exactly(tmp_path, data):
+    """40 steps, stop, resume to 60 == 60 steps straight: the checkpoint holds everything the run needs."""
+    straight = adept.main(tiny(tmp_path / "a", total_steps=60))
+    adept.main(tiny(tmp_path / "b", total_steps=40))
+    resumed = adept.main(tiny(tmp_path / "b", total_steps=60, resume=True))
+    ck_a = torch.load(tmp_path / "a/hopper-random-adept-sac-s0/checkpoint.pt", weights_only=False)
+    ck_b = torch.load(tmp_path / "b/hopper-random-adept-sac-s0/checkpoint.pt", weights_only=False)
+    for part in ("agent", "wm"):
+        for k, v in ck_a[part].items():
+            if isinstance(v, dict) and all(torch.is_tensor(x) for x in v.values()):  # network weights
+                for name in v:
+                    assert torch.equal(v[name], ck_b[part][k][name] if part == "agent" else ck_b[part][k]), name
+            elif torch.is_tensor(v):
+                assert torch.equal(v, ck_b[part][k])
+    assert straight["normalized_score"] == resumed["normalized_score"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# World model: schedule, guided sampling on a toy system, importance weights, weighted loss, rollouts
+# ---------------------------------------------------------------------------------------------------------------
+def test_cosine_schedule_shape_and_bounds():
+    K, s = 10, 1e-4
+    sch = adept.cosine_schedule(K, s)
+    assert all(v.shape == (K,) for v in sch.values())
+    assert ((sch["betas"] > 0) & (sch["betas"] <= 0.999)).all()
+    ab = sch["alpha_bar"]
+    assert (ab[1:] < ab[:-1]).all() and 0 < ab[-1] < 1e-3 and 0.9 < ab[0] < 1
+    f = lambda k: math.cos((k / K + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    assert ab[0].item() == pytest.approx(f(1) / f(0), rel=1e-5)
+    assert sch["post_var"][0].item() == pytest.approx(0.0, abs=1e-7)  # the last reverse step is the mean
+    assert (sch["post_var"][1:] > 0).all()
+
+
+A_TOY = torch.tensor([[0.9, 0.2], [-0.1, 0.8]])
+B_TOY = torch.tensor([[0.5], [-0.3]])
+SIGMA_TOY = 0.3  # K = 10 cannot resolve a much smaller spread: its last step returns E[x_0|x_1] (see README)
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    """The world model trained on s' = A s + B a + 0.3 N(0, I), with s ~ N(0, I), a ~ U[-1, 1]."""
+    torch.manual_seed(0)
+    n = 20_000
+    s, a = torch.randn(n, 2), torch.rand(n, 1) * 2 - 1
+    s2 = s @ A_TOY.T + a @ B_TOY.T + SIGMA_TOY * torch.randn(n, 2)
+    D = adept.Buffer(n, 2, 1, torch.device("cpu"))
+    D.add({"s": s, "a": a, "r": s2[:, 0], "s2": s2, "d": torch.zeros(n)})
+    wm = adept.WorldModel(2, 1, hidden=128, depth=3, K=10, guidance_weight=0.1, cond_drop_prob=0.1)
+    wm.set_ranges(s2, s2[:, 0])
+    opt = torch.optim.Adam(wm.parameters(), lr=1e-3)
+    for _ in range(4000):
+        adept.world_model_update(wm, opt, D.sample(256))
+    return wm
+
+
+def test_toy_conditional_samples_match_the_true_conditional(toy_model):
+    torch.manual_seed(1)
+    for s, a in [([0.0, 0.0], [0.0]), ([1.0, -0.5], [0.8]), ([-1.2, 0.7], [-0.6])]:
+        s, a = torch.tensor([s]).repeat(4000, 1), torch.tensor([a]).repeat(4000, 1)
+        x = toy_model.sample(s, a)
+        true_mean = (s[0] @ A_TOY.T + a[0] @ B_TOY.T)
+        assert (x.mean(0) - true_mean).abs().max() < SIGMA_TOY / 3, (x.mean(0), true_mean)
+        # the K = 10 sampler under-disperses (analytically x0.88 at this spread; guidance narrows it a little more)
+        assert ((x.std(0) > 0.5 * SIGMA_TOY) & (x.std(0) < 1.2 * SIGMA_TOY)).all(), x.std(0)
+        # the reward model learned r = s'_0
+        r, _ = toy_model.reward_terminal(s[:500], a[:500], x[:500])
+        assert (r - x[:500, 0]).abs().mean() < 0.15
+
+
+def test_toy_unconditional_branch_ignores_the_condition(toy_model):
+    x, k = torch.randn(64, 2), torch.randint(1, 11, (64,))
+    null = torch.zeros(64, 1)
+    e1 = toy_model.eps(x, k, torch.randn(64, 3), null)
+    e2 = toy_model.eps(x, k, torch.randn(64, 3), null)
+    assert torch.equal(e1, e2)
+    # sampling with omega = 0 (w = -1, only the null branch) gives the marginal, whatever the condition
+    toy_model.w = -1.0
+    try:
+        torch.manual_seed(2)
+        x1 = toy_model.sample(torch.full((4000, 2), 1.5), torch.ones(4000, 1))
+        torch.manual_seed(2)
+        x2 = toy_model.sample(torch.full((4000, 2), -1.5), -torch.ones(4000, 1))
+    finally:
+        toy_model.w = 0.1
+    assert torch.equal(x1, x2)
+    assert (x1.std(0) > 2 * SIGMA_TOY).all()  # the marginal of s' spreads about 1, far wider than a conditional
+
+
+def test_importance_weights():
+    torch.manual_seed(0)
+    pi, pi_D = adept.GaussianActor(3, 2, 16), adept.GaussianActor(3, 2, 16)
+    s, a = torch.randn(256, 3), torch.rand(256, 2) * 2 - 1
+    for norm in (True, False):  # identical policies: every weight is 1
+        assert torch.allclose(adept.importance_weights(pi, pi, s, a, 10.0, norm), torch.ones(256), atol=1e-5)
+    # finite (and positive) for dataset actions at exactly +-1, with SAC's squashed policy too
+    sac_pi = adept.TanhGaussianActor(3, 2, 16)
+    edge = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]]).repeat(10, 1)
+    w = adept.importance_weights(sac_pi, pi_D, torch.randn(30, 3), edge)
+    assert torch.isfinite(w).all() and (w > 0).all()
+    # the weights rank actions as the ratio of the two densities does
+    with torch.no_grad():
+        ratio = (torch.distributions.Normal(*_mu_std(pi, s)).log_prob(a).sum(-1)
+                 - torch.distributions.Normal(*_mu_std(pi_D, s)).log_prob(a).sum(-1)).exp()
+    w = adept.importance_weights(pi, pi_D, s, a, max_weight=1e9)
+    assert torch.equal(w.argsort(), ratio.argsort())
+    assert torch.allclose(w, ratio / ratio.mean(), rtol=1e-4)  # self-normalized: mean 1
+    assert adept.importance_weights(pi, pi_D, s, a, max_weight=2.0).max() <= 2.0
+
+
+def _mu_std(pi, s):
+    mu, log_std = pi.params(s)
+    return mu, log_std.exp()
+
+
+def test_weighted_world_model_loss_is_the_mean_of_w_times_l(data):
+    d, _, _ = data
+    torch.manual_seed(0)
+    norm = adept.Normalizer(d["obs"].mean(0), d["obs"].std(0))
+    D = adept.dataset_buffer(d, norm, torch.device("cpu"))
+    wm = adept.WorldModel(11, 3, hidden=32)
+    b, w = D.sample(64), torch.rand(64) * 3
+    torch.manual_seed(5)
+    l = wm.loss_per_sample(b["s"], b["a"], b["r"], b["d"], b["s2"]).detach()
+    torch.manual_seed(5)
+    loss = adept.world_model_update(wm, torch.optim.SGD(wm.parameters(), lr=0.0), b, w)
+    assert loss.item() == pytest.approx((w * l).mean().item(), rel=1e-5)
+    assert adept.weighted_loss(l, torch.ones(64)).item() == pytest.approx(l.mean().item())
+
+
+def test_rollouts_have_the_right_shapes_respect_clipping_and_stop_at_terminals():
+    torch.manual_seed(0)
+    wm = adept.WorldModel(4, 2, hidden=16)
+    wm.set_ranges(torch.tensor([[-0.1, -0.2, 0.0, -0.3], [0.1, 0.2, 0.5, 0.3]]), torch.tensor([-1.0, 2.0]))
+    pi, s0 = adept.TanhGaussianActor(4, 2, 16), torch.randn(32, 4)
+    head = wm.reward_net[-1]  # outputs (reward, terminal logit)
+    with torch.no_grad():
+        head.weight.zero_(), head.bias.copy_(torch.tensor([5.0, -100.0]))  # reward 5 (above the range), never done
+    out = adept.rollout(wm, pi, s0, horizon=6)
+    assert out["s"].shape == (32, 6, 4) and out["a"].shape == (32, 6, 2) and out["s2"].shape == (32, 6, 4)
+    assert out["r"].shape == (32, 6) and out["d"].shape == (32, 6) and out["valid"].shape == (32, 6)
+    assert out["valid"].all()
+    assert (out["s2"] >= wm.s_lo).all() and (out["s2"] <= wm.s_hi).all() and (out["s2"] == wm.s_hi).any()
+    assert torch.equal(out["r"], torch.full((32, 6), 2.0))  # clipped to the data's reward range
+    assert torch.equal(out["s"][:, 0], s0) and torch.equal(out["s"][:, 1:], out["s2"][:, :-1])  # states chain
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([0.0, 100.0]))  # terminal at once
+    out = adept.rollout(wm, pi, s0, horizon=6)
+    assert out["valid"][:, 0].all() and not out["valid"][:, 1:].any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ADEPT end to end
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("agent", ["sac", "iql", "bc"])
+def test_adept_closed_loop_runs_every_phase(tmp_path, data, agent):
+    s = adept.main(tiny(tmp_path, agent=agent))
+    c = s["counts"]
+    assert s["mode"] == "adept" and c["world_model_pretrain_steps"] == 50
+    assert c["rollouts"] == 4 * 8 and c["model_transitions"] > 0 and c["policy_updates"] == 40
+    assert c["iwu_updates"] == 40 and c["evaluations"] == 2 and c["checkpoints"] == 2
+    for key in ("eps_r", "eps_m", "eps_pi", "return_gap_bound", "sim_state_error", "sim_reward_error"):
+        assert math.isfinite(s[key]) and s[key] >= 0, key
+    assert 0 <= s["eps_pi"] <= 1
+    run = tmp_path / f"hopper-random-adept-{agent}-s0"
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["D_hat"]["size"] == c["model_transitions"]
+    pre = torch.load(next((tmp_path / "world_models").glob("*.pt")), weights_only=False)["wm"]
+    assert not torch.equal(ck["wm"]["eps_net.0.weight"], pre["eps_net.0.weight"])  # IWU moved the model
+
+
+def test_no_importance_sampling_reuses_the_cached_model_and_never_adapts_it(tmp_path, data):
+    adept.main(tiny(tmp_path, total_steps=20))
+    s = adept.main(tiny(tmp_path, total_steps=20, importance_sampling=False))
+    c = s["counts"]
+    assert s["mode"] == "diff" and c["world_model_pretrain_steps"] == 0 and c["iwu_updates"] == 0  # cache hit
+    assert c["rollouts"] > 0 and math.isfinite(s["sim_state_error"])
+    ck = torch.load(tmp_path / "hopper-random-diff-sac-s0/checkpoint.pt", weights_only=False)
+    pre = torch.load(next((tmp_path / "world_models").glob("*.pt")), weights_only=False)["wm"]
+    assert all(torch.equal(ck["wm"][k], pre[k]) for k in pre)
