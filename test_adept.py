@@ -400,3 +400,12 @@ def test_no_importance_sampling_reuses_the_cached_model_and_never_adapts_it(tmp_
     ck = torch.load(tmp_path / "hopper-random-diff-sac-s0/checkpoint.pt", weights_only=False)
     pre = torch.load(next((tmp_path / "world_models").glob("*.pt")), weights_only=False)["wm"]
     assert all(torch.equal(ck["wm"][k], pre[k]) for k in pre)
+
+
+def test_a_corrupt_world_model_cache_is_retrained(tmp_path, data):
+    adept.main(tiny(tmp_path, total_steps=20, world_model=True))
+    cache = next((tmp_path / "world_models").glob("*.pt"))
+    cache.write_bytes(b"cut short")
+    s = adept.main(tiny(tmp_path, total_steps=20, importance_sampling=False))
+    assert s["counts"]["world_model_pretrain_steps"] == 50
+    assert torch.load(cache, weights_only=False)["settings"]["world_model_steps"] == 50  # rewritten whole
