@@ -764,7 +764,9 @@ def importance_weights(pi, pi_D, s, a, max_weight: float = 10.0, self_normalize:
         w = torch.softmax(log_w, 0) * len(log_w)
     else:
         w = log_w.clamp(max=50.0).exp()
-    return w.clamp(max=max_weight)
+    # Weights below 1e-8 change the loss by less than 1e-8 of its value, but as subnormal floats (a narrow policy
+    # gives many weights near 1e-40) they made the backward pass 2.5x slower on CPU: set them to exactly 0.
+    return torch.where(w < 1e-8, 0.0, w.clamp(max=max_weight))
 
 
 def weighted_loss(l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -804,6 +806,7 @@ def main(args: Args) -> dict:
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # subnormal floats are ~100x slower on x86 CPUs; none of our numbers need them
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")

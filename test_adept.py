@@ -328,6 +328,12 @@ def test_importance_weights():
     assert torch.equal(w.argsort(), ratio.argsort())
     assert torch.allclose(w, ratio / ratio.mean(), rtol=1e-4)  # self-normalized: mean 1
     assert adept.importance_weights(pi, pi_D, s, a, max_weight=2.0).max() <= 2.0
+    # a narrow policy far from the data gives weights near 1e-40; below 1e-8 they are exactly 0 (no subnormals)
+    narrow = adept.GaussianActor(3, 2, 16)
+    with torch.no_grad():
+        narrow.net[-1].weight.zero_(), narrow.net[-1].bias.copy_(torch.tensor([3.0, 3.0, -5.0, -5.0]))
+    w = adept.importance_weights(narrow, pi_D, s, a, max_weight=1e9)
+    assert (w == 0).any() and ((w == 0) | (w >= 1e-8)).all() and w.sum() > 0
 
 
 def _mu_std(pi, s):
