@@ -850,7 +850,7 @@ def main(args: Args) -> dict:
     # ---- closed loop: PE -> policy update -> IWU, per gradient step ----
     progress = Progress("train", args.total_steps, args.log_every, start_step)
     warmup = start_step + min(1000, max(0, (args.total_steps - start_step) // 10))  # steps left out of the speed
-    train_time, rollout_time, timed_steps = 0.0, 0.0, 0
+    train_time, rollout_time, timed_steps, rolled = 0.0, 0.0, 0, 0  # speed of this process (a resume restarts it)
     last = {}
     for step in range(start_step + 1, args.total_steps + 1):
         t0 = time.perf_counter()
@@ -859,6 +859,7 @@ def main(args: Args) -> dict:
             roll = rollout(wm, agent.actor, D.sample(args.rollout_batch_size)["s"], args.horizon)
             D_hat.add({k: roll[k][roll["valid"]] for k in Buffer.FIELDS})
             counts["rollouts"] += args.rollout_batch_size
+            rolled += int(roll["valid"].sum())
             counts["model_transitions"] += int(roll["valid"].sum())
             rollout_time += time.perf_counter() - t_r
         last = agent.update(policy_batch(D, D_hat, args.batch_size, args.model_ratio))  # update phi with B
@@ -913,7 +914,7 @@ def main(args: Args) -> dict:
         "return": final["return"], "return_std": final["return_std"],
         "reference_returns": {"random": ref_min, "expert": ref_max},
         "train_steps_per_second": timed_steps / train_time if train_time else float("nan"),
-        "rollout_transitions_per_second": counts["model_transitions"] / rollout_time if rollout_time else None,
+        "rollout_transitions_per_second": rolled / rollout_time if rollout_time else None,
         "wall_seconds": time.perf_counter() - t_start, "device": str(device), "counts": counts,
         **{k: final.get(k) for k in METRICS[7:]}, "args": dataclasses.asdict(args),
     }

@@ -236,6 +236,7 @@ def test_resume_continues_exactly(tmp_path, data):
             elif torch.is_tensor(v):
                 assert torch.equal(v, ck_b[part][k])
     assert straight["normalized_score"] == resumed["normalized_score"]
+    assert resumed["rollout_transitions_per_second"] > 0  # measured on this process's rollouts only
 
 
 # ---------------------------------------------------------------------------------------------------------------

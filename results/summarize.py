@@ -17,7 +17,7 @@ at = int(sys.argv[sys.argv.index("--at") + 1]) if "--at" in sys.argv else None
 methods = defaultdict(list)
 for metrics in sorted(folder.glob("*/metrics.csv")):
     rows = [r for r in csv.DictReader(open(metrics)) if at is None or int(r["step"]) <= at]
-    if len(rows) < 3:
+    if len(rows) < 3 or not (metrics.parent / "summary.json").exists():  # finished runs only
         continue
     name = metrics.parent.name.split("-", 2)[2].rsplit("-s", 1)[0]  # hopper-random-adept-sac-s0 -> adept-sac
     last = rows[-3:]
