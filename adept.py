@@ -858,9 +858,10 @@ def main(args: Args) -> dict:
             t_r = time.perf_counter()
             roll = rollout(wm, agent.actor, D.sample(args.rollout_batch_size)["s"], args.horizon)
             D_hat.add({k: roll[k][roll["valid"]] for k in Buffer.FIELDS})
+            n_valid = int(roll["valid"].sum())
             counts["rollouts"] += args.rollout_batch_size
-            rolled += int(roll["valid"].sum())
-            counts["model_transitions"] += int(roll["valid"].sum())
+            counts["model_transitions"] += n_valid
+            rolled += n_valid
             rollout_time += time.perf_counter() - t_r
         last = agent.update(policy_batch(D, D_hat, args.batch_size, args.model_ratio))  # update phi with B
         counts["policy_updates"] += 1
@@ -875,7 +876,6 @@ def main(args: Args) -> dict:
         progress.update(step, last)
 
         if step % args.eval_every == 0 or step == args.total_steps:
-            t_eval = time.perf_counter()
             returns = evaluate(agent.actor, normalizer, eval_envs, seed=10_000 + args.seed * 1000)
             scores = normalized_score(returns, ref_min, ref_max)
             row = {"step": step, "return": returns.mean(), "return_std": returns.std(),
