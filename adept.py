@@ -697,14 +697,16 @@ def pretrain(args: Args, D: Buffer, s_dim: int, a_dim: int, device, cache_dir: P
     wm.set_ranges(D.data["s2"][: D.size], D.data["r"][: D.size])
     wm_opt = adam(wm.parameters(), args.lr)
     pi_D = BC(s_dim, a_dim, args, device)
+    ck = None
     if path.exists():
         try:
             ck = torch.load(path, map_location=device)
-            wm.load_state_dict(ck["wm"]), wm_opt.load_state_dict(ck["wm_opt"]), pi_D.load_state_dict(ck["pi_D"])
-            print(f"loaded pretrained world model and pi_D from {path}", flush=True)
-            return wm, wm_opt, pi_D.actor, 0
         except Exception as e:  # a file cut short by a crash: train again rather than fail
             print(f"cached world model {path} is unreadable ({type(e).__name__}); training it again", flush=True)
+    if ck is not None:
+        wm.load_state_dict(ck["wm"]), wm_opt.load_state_dict(ck["wm_opt"]), pi_D.load_state_dict(ck["pi_D"])
+        print(f"loaded pretrained world model and pi_D from {path}", flush=True)
+        return wm, wm_opt, pi_D.actor, 0
     progress = Progress("behavior policy pi_D", args.behavior_steps, args.log_every)
     for step in range(1, args.behavior_steps + 1):
         progress.update(step, pi_D.update(D.sample(args.batch_size)))
@@ -722,7 +724,8 @@ def pretrain(args: Args, D: Buffer, s_dim: int, a_dim: int, device, cache_dir: P
 # Policy evaluation in the model (Algorithm 1, PE): batched rollouts of H steps from random dataset states.
 # ==================================================================================================================
 @torch.no_grad()
-def rollout(wm: WorldModel, policy: GaussianActor, s0: torch.Tensor, horizon: int) -> dict[str, torch.Tensor]:
+def rollout(wm: WorldModel, policy: GaussianActor, s0: torch.Tensor, horizon: int,
+            deterministic: bool = False) -> dict[str, torch.Tensor]:
     """a_t ~ pi(s_t), s_{t+1} by guided denoising, (r_t, d_t) = r_eta(s_t, a_t, s_{t+1}); a rollout stops at its
     terminal. Returns (B, H, .) tensors and `valid` (B, H), False for steps after a terminal."""
     B, H = s0.shape[0], horizon
@@ -730,7 +733,7 @@ def rollout(wm: WorldModel, policy: GaussianActor, s0: torch.Tensor, horizon: in
     valid, alive = [], torch.ones(B, dtype=torch.bool, device=s0.device)
     s = s0
     for _ in range(H):
-        a = policy.act(s)
+        a = policy.act(s, deterministic)
         s2 = wm.sample(s, a)
         r, d = wm.reward_terminal(s, a, s2)
         for k, v in zip(Buffer.FIELDS, (s, a, r, s2, d.float())):
@@ -993,15 +996,8 @@ def simulator_errors(wm: WorldModel, pi, normalizer: Normalizer, env, obs: np.nd
             sim_s[i, t], sim_alive[i, t] = o, True
             if terminated:
                 break
-    s = normalizer(torch.as_tensor(obs, dtype=torch.float32, device=device))
-    model_s, model_r = [], []
-    for t in range(horizon):
-        a = pi.act(s, True)
-        s2 = wm.sample(s, a)
-        model_r.append(wm.reward_terminal(s, a, s2)[0])
-        model_s.append(s2)
-        s = s2
-    model_s, model_r = torch.stack(model_s, 1), torch.stack(model_r, 1)
+    model = rollout(wm, pi, normalizer(torch.as_tensor(obs, dtype=torch.float32, device=device)), horizon, True)
+    model_s, model_r = model["s2"], model["r"]  # (n, H, S), (n, H): model terminals ignored, as in the simulator's
     state_err = ((model_s - normalizer(torch.as_tensor(sim_s, device=device))) ** 2).mean(-1)  # (n, H)
     full = torch.as_tensor(sim_alive[:, -1], device=device)
     reward_err = model_r[:, 0] - torch.as_tensor(sim_r[:, 0], device=device)

@@ -228,15 +228,22 @@ def test_resume_continues_exactly(tmp_path, data):
     resumed = adept.main(tiny(tmp_path / "b", total_steps=60, resume=True))
     ck_a = torch.load(tmp_path / "a/hopper-random-adept-sac-s0/checkpoint.pt", weights_only=False)
     ck_b = torch.load(tmp_path / "b/hopper-random-adept-sac-s0/checkpoint.pt", weights_only=False)
-    for part in ("agent", "wm"):
-        for k, v in ck_a[part].items():
-            if isinstance(v, dict) and all(torch.is_tensor(x) for x in v.values()):  # network weights
-                for name in v:
-                    assert torch.equal(v[name], ck_b[part][k][name] if part == "agent" else ck_b[part][k]), name
-            elif torch.is_tensor(v):
-                assert torch.equal(v, ck_b[part][k])
+    for part in ("agent", "wm", "wm_opt"):  # every weight and optimizer moment
+        a, b = dict(_tensors(ck_a[part])), dict(_tensors(ck_b[part]))
+        assert a.keys() == b.keys() and len(a) > 0
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
     assert straight["normalized_score"] == resumed["normalized_score"]
     assert resumed["rollout_transitions_per_second"] > 0  # measured on this process's rollouts only
+
+
+def _tensors(sd, prefix=""):
+    """The tensors of a nested state dict (networks, optimizers), with dotted names."""
+    for k, v in sd.items():
+        if torch.is_tensor(v):
+            yield f"{prefix}{k}", v
+        elif isinstance(v, dict):
+            yield from _tensors(v, f"{prefix}{k}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
