@@ -5,8 +5,12 @@ Importance-Sampled Diffusion Models". A guided diffusion world model evaluates t
 the policy, next states denoised by the model: Sec. 4.1, Algorithm 1 PE), and an importance-sampled update keeps
 the model aligned with that policy as it drifts from the one that collected the data (Sec. 4.2, Eq. 3, IWU).
 
-The file reads top to bottom: arguments, data, networks, losses, agents, world model, rollout (PE),
-importance-sampled update (IWU), training loop, evaluation and diagnostics.
+The file reads top to bottom, the method first and the plumbing last:
+  1. arguments                      5. world model M_{theta,eta} (Eq. 1-2) and its pretraining
+  2. normalizer and buffer          6. policy evaluation in the model (PE)
+  3. networks, the policy contract  7. importance-sampled world-model update (IWU, Eq. 3)
+  4. losses and agents              8. training loop (Algorithm 1), 9. evaluation and diagnostics
+then 10. dataset building and caches, 11. progress and checkpoint I/O, 12. the command-line entry.
 
     python adept.py --env hopper --dataset random --agent sac                    # ADEPT-SAC
     python adept.py --env hopper --dataset random --agent sac --no-importance-sampling   # Diff+SAC
@@ -15,19 +19,24 @@ importance-sampled update (IWU), training loop, evaluation and diagnostics.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
+import fcntl
 import hashlib
+import io
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, NamedTuple, Protocol
 
 import gymnasium as gym
 import minari
@@ -39,7 +48,7 @@ import tyro
 
 
 # ==================================================================================================================
-# Arguments. Defaults are the paper's: Table 3 (offline RL) and Table 2 (diffusion world model).
+# 1. Arguments. Defaults are the paper's: Table 3 (offline RL) and Table 2 (diffusion world model).
 # ==================================================================================================================
 @dataclass
 class Args:
@@ -140,10 +149,17 @@ class Args:
     """dataset states used for the return-gap diagnostics and the simulator check at each evaluation"""
 
 
-ENVS = {  # gymnasium id, D4RL reference returns (random, expert), observation clips velocities at +-10
-    "hopper": ("Hopper-v5", -20.272305, 3234.3, True),
-    "halfcheetah": ("HalfCheetah-v5", -280.178953, 12135.0, False),
-    "walker2d": ("Walker2d-v5", 1.629008, 4592.3, True),
+class EnvInfo(NamedTuple):
+    gym_id: str
+    ref_random: float  # D4RL's reference returns, for normalized scores
+    ref_expert: float
+    clips_velocity: bool  # the observation clips joint velocities at +-10
+
+
+ENVS = {
+    "hopper": EnvInfo("Hopper-v5", -20.272305, 3234.3, True),
+    "halfcheetah": EnvInfo("HalfCheetah-v5", -280.178953, 12135.0, False),
+    "walker2d": EnvInfo("Walker2d-v5", 1.629008, 4592.3, True),
 }
 DATA_SEED = 0  # everyone who builds a random dataset gets the same one
 
@@ -167,139 +183,17 @@ def check_args(args: Args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must lie in [{lo}, {hi}], got {getattr(args, name)}")
 
 
-class Progress:
-    """Prints `[name] step/total | rate/s | ETA | values` every `every` steps; the rate is windowed."""
-
-    def __init__(self, name: str, total: int, every: int, start: int = 0):
-        self.name, self.total, self.every = name, total, max(1, every)
-        self.restart(start)
-
-    def restart(self, step: int) -> None:  # begin a new window (after a pause such as an evaluation)
-        self.last_step, self.last_time = step, time.perf_counter()
-
-    def update(self, step: int, values: dict | None = None) -> None:
-        if step % self.every and step != self.total:
-            return
-        now = time.perf_counter()
-        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        eta = (self.total - step) / max(rate, 1e-9)
-        extra = " ".join(f"{k} {float(v):.3g}" for k, v in (values or {}).items())
-        print(f"[{self.name}] {step}/{self.total} | {rate:.0f}/s | ETA {eta / 60:.1f} min | {extra}", flush=True)
-        self.restart(step)
-
-
 # ==================================================================================================================
-# Data: Minari datasets flattened to transitions, states z-scored with the dataset's statistics.
+# 2. The small structures the method uses. One vocabulary for a transition everywhere after loading:
+#    s (state), a (action), r (reward), s_next (next state), terminal (1 where the episode terminated).
 # ==================================================================================================================
-def dataset_id(env: str, dataset: str, size: int) -> str:
-    # Locally built data lives in our own namespace, never in Minari's official `mujoco/` one.
-    return f"adept/{env}/random-{size}-v0" if dataset == "random" else f"mujoco/{env}/{dataset}-v0"
-
-
-def build_random_dataset(env: str, size: int, ds_id: str) -> dict[str, np.ndarray]:
-    """D4RL's recipe for random data: a uniform random policy in the real simulator, `size` transitions."""
-    from minari.data_collector import EpisodeBuffer
-
-    gym_id, ref_min, ref_max, _ = ENVS[env]
-    sim = gym.make(gym_id)
-    sim.action_space.seed(DATA_SEED)
-    obs, _ = sim.reset(seed=DATA_SEED)
-    episodes, ep = [], {"obs": [obs], "act": [], "rew": [], "term": [], "trunc": []}
-    progress = Progress(f"collect {ds_id}", size, max(1, size // 10))
-    for t in range(1, size + 1):
-        action = sim.action_space.sample()
-        obs, reward, terminated, truncated, _ = sim.step(action)
-        truncated = truncated or (t == size and not terminated)  # the last, cut episode must bootstrap
-        for key, value in zip(ep, (obs, action, reward, terminated, truncated)):
-            ep[key].append(value)
-        if terminated or truncated:
-            episodes.append(EpisodeBuffer(
-                id=len(episodes), observations=np.array(ep["obs"]), actions=np.array(ep["act"]),
-                rewards=ep["rew"], terminations=ep["term"], truncations=ep["trunc"]))
-            obs, _ = sim.reset()
-            ep = {"obs": [obs], "act": [], "rew": [], "term": [], "trunc": []}
-        progress.update(t)
-    print(f"writing {len(episodes)} episodes to {minari.storage.get_dataset_path(ds_id)}", flush=True)
-    with warnings.catch_warnings():  # Minari nags about optional metadata (author e-mail, code link)
-        warnings.simplefilter("ignore", UserWarning)
-        minari.create_dataset_from_buffers(
-            ds_id, episodes, env=gym_id, eval_env=gym_id, algorithm_name="uniform random policy", author="adept.py",
-            ref_min_score=ref_min, ref_max_score=ref_max, data_format="hdf5",
-            description=f"{size} transitions of a uniform random policy in {gym_id} (seed {DATA_SEED}), as D4RL's "
-                        "random datasets; reference scores are D4RL's.")
-    return flatten(episodes)
-
-
-def flatten(episodes) -> dict[str, np.ndarray]:
-    """Episodes (Minari's EpisodeData or EpisodeBuffer) -> transition arrays obs[t], act[t], rew[t], obs[t+1], with
-    terminations and truncations kept apart (a truncated step must still bootstrap)."""
-    episodes = list(episodes)
-    data = {
-        "obs": np.concatenate([e.observations[:-1] for e in episodes]),
-        "act": np.concatenate([e.actions for e in episodes]),
-        "rew": np.concatenate([e.rewards for e in episodes]),
-        "next_obs": np.concatenate([e.observations[1:] for e in episodes]),
-        "terminal": np.concatenate([e.terminations for e in episodes]),
-        "timeout": np.concatenate([e.truncations for e in episodes]),
-    }
-    return {k: v.astype(np.float32) for k, v in data.items()}
-
-
-def load_transitions(args: Args) -> tuple[dict[str, np.ndarray], float, float]:
-    """The dataset as flat transition arrays, and its reference returns (random, expert) for normalized scores."""
-    ds_id = dataset_id(args.env, args.dataset, args.dataset_size)
-    path = minari.storage.get_dataset_path(ds_id)
-    data = None
-    if not (path / "data").exists():
-        if args.dataset == "random":
-            data = build_random_dataset(args.env, args.dataset_size, ds_id)
-        else:
-            try:  # Minari's download needs its `hf` extra and the network; offline it fails after ~20 s of retries
-                minari.download_dataset(ds_id)
-            except Exception as e:
-                raise UserError(
-                    f"dataset {ds_id} is not in the local Minari store ({path.parent}, set by MINARI_DATASETS_PATH)"
-                    f" and could not be downloaded ({type(e).__name__}). Download it where there is network, or "
-                    f"use --dataset random, which is built locally and works offline.") from None
-    t0 = time.perf_counter()
-    try:
-        ds = minari.load_dataset(ds_id)
-        meta = ds.storage.metadata
-        # Reading 45k small HDF5 episode groups takes ~25 s, so a flat copy of the transitions sits beside Minari's
-        # files, stamped with their sizes and times: a changed (or corrupt) data file invalidates it.
-        files = sorted((path / "data").iterdir())
-        stamp = json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
-        flat, cached = path / "transitions.npz", None
-        if flat.exists():
-            with np.load(flat) as z:
-                if str(z["stamp"]) == stamp:
-                    cached = {k: z[k] for k in z.files if k != "stamp"}
-        if data is None:
-            data = cached if cached is not None else flatten(ds.iterate_episodes())
-        if cached is None:
-            np.savez(flat, stamp=stamp, **data)
-    except Exception as e:
-        raise UserError(f"dataset {ds_id} at {path} is unreadable ({type(e).__name__}: {e}); delete that folder "
-                        "to rebuild (random) or download it again") from None
-    if not len(data["obs"]):
-        raise UserError(f"dataset {ds_id} at {path} holds no transitions")
-    ref_min, ref_max = meta.get("ref_min_score"), meta.get("ref_max_score")
-    source = "dataset metadata"
-    if ref_min is None or ref_max is None:
-        ref_min, ref_max, source = ENVS[args.env][1], ENVS[args.env][2], "D4RL"
-    print(f"dataset {ds_id}: {meta.get('total_episodes')} episodes, {len(data['obs'])} transitions, loaded in "
-          f"{time.perf_counter() - t0:.1f} s; reference returns random {ref_min:.6g} / expert {ref_max:.6g} "
-          f"(from {source})", flush=True)
-    return data, float(ref_min), float(ref_max)
-
-
 class Normalizer(nn.Module):
     """z-scores states with the dataset's mean and std (buffers, so they travel with .to() and checkpoints)."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-3):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, std_pad: float = 1e-3):
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32) + eps)
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32) + std_pad)  # +1e-3, as CORL
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return (s - self.mean) / self.std
@@ -309,18 +203,18 @@ class Normalizer(nn.Module):
 
 
 class Buffer:
-    """Transitions (s, a, r, s2, d) as preallocated tensors on the device: the dataset D, or the ring buffer D_hat."""
+    """Transitions as preallocated tensors on the device: the dataset D, or the ring buffer D_hat of model data."""
 
-    FIELDS = ("s", "a", "r", "s2", "d")
+    FIELDS = ("s", "a", "r", "s_next", "terminal")
 
     def __init__(self, capacity: int, s_dim: int, a_dim: int, device: torch.device):
-        dims = {"s": s_dim, "a": a_dim, "r": None, "s2": s_dim, "d": None}
-        self.data = {k: torch.empty((capacity,) + ((d,) if d else ()), device=device) for k, d in dims.items()}
+        dims = {"s": (s_dim,), "a": (a_dim,), "r": (), "s_next": (s_dim,), "terminal": ()}
+        self.data = {k: torch.empty((capacity, *d), device=device) for k, d in dims.items()}
         self.capacity, self.size, self.ptr = capacity, 0, 0
 
     def add(self, batch: dict[str, torch.Tensor]) -> None:
         n = len(batch["s"])
-        idx = (self.ptr + torch.arange(n, device=batch["s"].device)) % self.capacity
+        idx = (self.ptr + torch.arange(n, device=self.data["s"].device)) % self.capacity
         for k in self.FIELDS:
             self.data[k][idx] = batch[k]
         self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
@@ -339,16 +233,15 @@ class Buffer:
 
 
 def dataset_buffer(data: dict[str, np.ndarray], normalizer: Normalizer, device: torch.device) -> Buffer:
-    """D with normalized states; only terminations stop bootstrapping (timeouts do not)."""
-    t = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
-    buf = Buffer(len(data["obs"]), t["obs"].shape[1], t["act"].shape[1], device)
-    buf.add({"s": normalizer(t["obs"]), "a": t["act"], "r": t["rew"], "s2": normalizer(t["next_obs"]),
-             "d": t["terminal"]})
+    """D with normalized states; only terminations stop bootstrapping (timeouts do not, and are left out)."""
+    t = {k: torch.as_tensor(data[k], device=device) for k in Buffer.FIELDS}
+    buf = Buffer(len(t["s"]), t["s"].shape[1], t["a"].shape[1], device)
+    buf.add({**t, "s": normalizer(t["s"]), "s_next": normalizer(t["s_next"])})
     return buf
 
 
 # ==================================================================================================================
-# Networks
+# 3. Networks
 # ==================================================================================================================
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -366,54 +259,74 @@ def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor) 
     return (-0.5 * ((x - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-class GaussianActor(nn.Module):
-    """pi(a|s) = N(tanh(mu(s)), sigma(s)^2): IQL's and BC's policy, and the behavior-policy estimator pi_D.
-    Its density is finite for every action, including dataset actions at exactly +-1."""
-
-    def __init__(self, s_dim: int, a_dim: int, hidden: int):
-        super().__init__()
-        self.net = mlp(s_dim, 2 * a_dim, hidden)
-
-    def params(self, s):
-        mu, log_std = self.net(s).chunk(2, -1)
-        return torch.tanh(mu), log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-
-    def log_prob(self, s, a):
-        return gaussian_log_prob(a, *self.params(s))
-
-    def sample(self, s):  # -> a (B, A), log pi(a|s) (B,)
-        mu, log_std = self.params(s)
-        a = mu + log_std.exp() * torch.randn_like(mu)
-        return a, gaussian_log_prob(a, mu, log_std)
-
-    def act(self, s, deterministic: bool = False):
-        return (self.params(s)[0] if deterministic else self.sample(s)[0]).clamp(-1.0, 1.0)
-
-
 def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
     """sum log(1 - tanh(u)^2), the change of variables of a = tanh(u), in a form that is stable for large |u|."""
     return (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
 
 
-class TanhGaussianActor(GaussianActor):
-    """pi(a|s) = tanh(N(mu(s), sigma(s)^2)): SAC's squashed policy."""
+class Policy(Protocol):
+    """The policy contract. PE, IWU, evaluation and the diagnostics use a policy only through these three methods;
+    s is a (B, S) batch of normalized states and actions lie in the box [-1, 1]^A.
 
-    def params(self, s):
+    act(s, deterministic=False) -> a (B, A): the action taken in PE and in the simulator (deterministic: the mode).
+    sample(s) -> (a (B, A), log pi(a|s) (B,)): a reparameterized draw and its log-density (SAC's losses, eps_pi).
+    log_prob(s, a) -> log pi(a|s) (B,): the density at given actions, finite on the whole box, the bounds included.
+
+    Eq. 3's importance weights pi_phi/pi_D need log_prob of both policies: a deterministic actor (TD3, say) has no
+    density, so it can serve ADEPT only with one added (a Gaussian around its action, for example)."""
+
+    def act(self, s: torch.Tensor, deterministic: bool = False) -> torch.Tensor: ...
+    def sample(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def log_prob(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor: ...
+
+
+class GaussianHead(nn.Module):
+    """An MLP from s to the mean and the (clamped) log std of a diagonal Gaussian: the body both policies share."""
+
+    def __init__(self, s_dim: int, a_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(s_dim, 2 * a_dim, hidden)
+
+    def forward(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, S) -> mu (B, A), log_std (B, A)
         mu, log_std = self.net(s).chunk(2, -1)
         return mu, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+class GaussianActor(GaussianHead):
+    """pi(a|s) = N(tanh(mu(s)), sigma(s)^2), a Policy: IQL's and BC's policy, and the behavior-policy estimator pi_D.
+    Its density is finite for every action, including dataset actions at exactly +-1; act() clips to the box."""
+
+    def mean_log_std(self, s):
+        mu, log_std = self(s)
+        return torch.tanh(mu), log_std
+
+    def log_prob(self, s, a):
+        return gaussian_log_prob(a, *self.mean_log_std(s))
+
+    def sample(self, s):
+        mu, log_std = self.mean_log_std(s)
+        a = mu + log_std.exp() * torch.randn_like(mu)
+        return a, gaussian_log_prob(a, mu, log_std)
+
+    def act(self, s, deterministic: bool = False):
+        return (self.mean_log_std(s)[0] if deterministic else self.sample(s)[0]).clamp(-1.0, 1.0)
+
+
+class TanhGaussianActor(GaussianHead):
+    """pi(a|s) = tanh(N(mu(s), sigma(s)^2)), a Policy: SAC's squashed policy."""
 
     def log_prob(self, s, a):
         # The squashed density is infinite at |a| = 1; keep dataset actions a hair inside the bounds.
         u = torch.atanh(a.clamp(-1.0 + 1e-4, 1.0 - 1e-4))
-        return gaussian_log_prob(u, *self.params(s)) - tanh_log_det(u)
+        return gaussian_log_prob(u, *self(s)) - tanh_log_det(u)
 
     def sample(self, s):
-        mu, log_std = self.params(s)
+        mu, log_std = self(s)
         u = mu + log_std.exp() * torch.randn_like(mu)  # reparameterized
         return torch.tanh(u), gaussian_log_prob(u, mu, log_std) - tanh_log_det(u)
 
     def act(self, s, deterministic: bool = False):
-        return torch.tanh(self.params(s)[0]) if deterministic else self.sample(s)[0]
+        return torch.tanh(self(s)[0]) if deterministic else self.sample(s)[0]
 
 
 class TwinQ(nn.Module):
@@ -435,11 +348,12 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 
 
 # ==================================================================================================================
-# Losses: one small function each, on plain tensors.
+# 4. Losses (one small function each, on plain tensors) and agents, the offline RL methods that improve pi_phi
+#    ("Update phi with B via offline RL methods", Algorithm 1).
 # ==================================================================================================================
-def sac_target(r, d, q_next, logp_next, alpha, gamma):
+def sac_target(r, terminal, q_next, logp_next, alpha, gamma):
     """Soft Bellman target y = r + gamma (1 - d) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' ~ pi(s')."""
-    return r + gamma * (1.0 - d) * (q_next - alpha * logp_next)
+    return r + gamma * (1.0 - terminal) * (q_next - alpha * logp_next)
 
 
 def critic_loss(q_pred, target):
@@ -462,9 +376,9 @@ def expectile_loss(diff, expectile):
     return (torch.abs(expectile - (diff < 0).float()) * diff**2).mean()
 
 
-def iql_q_target(r, d, v_next, gamma):
+def iql_q_target(r, terminal, v_next, gamma):
     """IQL's Q target r + gamma (1 - d) V(s')."""
-    return r + gamma * (1.0 - d) * v_next
+    return r + gamma * (1.0 - terminal) * v_next
 
 
 def awr_actor_loss(logp, adv, temperature, max_weight=100.0):
@@ -477,9 +391,6 @@ def bc_loss(logp):
     return -logp.mean()
 
 
-# ==================================================================================================================
-# Agents: the offline RL methods that improve pi_phi ("Update phi with B via offline RL methods", Algorithm 1).
-# ==================================================================================================================
 def adam(params, lr):
     return torch.optim.Adam(params, lr=lr, fused=True)  # fused: ~10% faster steps on CPU as well
 
@@ -491,22 +402,35 @@ def gradient_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 
 
 class Agent:
-    """Networks, optimizers and tensors of a learner, saved and restored as one dict."""
+    """A learner: `actor` is pi_phi (a Policy) and `update(batch)` takes one gradient step of its method.
+    `state` names everything a checkpoint must hold (networks, optimizers, tensors, and plain numbers such as a
+    counter); --resume restores exactly that list, so an attribute that changes in training belongs in it."""
 
-    actor: GaussianActor
+    actor: Policy
+    state: tuple[str, ...] = ()
 
     def state_dict(self) -> dict:
-        return {k: v.detach().clone() if torch.is_tensor(v) else v.state_dict()
-                for k, v in vars(self).items() if torch.is_tensor(v) or hasattr(v, "state_dict")}
+        out = {}
+        for name in self.state:
+            v = getattr(self, name)
+            out[name] = v.state_dict() if hasattr(v, "state_dict") else v.detach().clone() if torch.is_tensor(v) else v
+        return out
 
     def load_state_dict(self, sd: dict) -> None:
-        for k, v in sd.items():
-            own = getattr(self, k)
-            own.data.copy_(v) if torch.is_tensor(own) else own.load_state_dict(v)
+        for name in self.state:
+            own = getattr(self, name)
+            if hasattr(own, "load_state_dict"):
+                own.load_state_dict(sd[name])
+            elif torch.is_tensor(own):
+                own.data.copy_(sd[name])
+            else:
+                setattr(self, name, sd[name])
 
 
 class SAC(Agent):
     """Soft actor-critic (Haarnoja et al. 2018): twin Q, target networks, automatic entropy tuning."""
+
+    state = ("actor", "q", "q_target", "log_alpha", "actor_opt", "q_opt", "alpha_opt")
 
     def __init__(self, s_dim, a_dim, args: Args, device):
         self.actor = TanhGaussianActor(s_dim, a_dim, args.hidden).to(device)
@@ -520,8 +444,9 @@ class SAC(Agent):
     def update(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         alpha = self.log_alpha.exp().detach()
         with torch.no_grad():
-            a2, logp2 = self.actor.sample(b["s2"])
-            y = sac_target(b["r"], b["d"], self.q_target(b["s2"], a2).min(0).values, logp2, alpha, self.gamma)
+            a_next, logp_next = self.actor.sample(b["s_next"])
+            q_next = self.q_target(b["s_next"], a_next).min(0).values
+            y = sac_target(b["r"], b["terminal"], q_next, logp_next, alpha, self.gamma)
         q_loss = critic_loss(self.q(b["s"], b["a"]), y)
         gradient_step(self.q_opt, q_loss)
 
@@ -538,6 +463,8 @@ class SAC(Agent):
 class IQL(Agent):
     """Implicit Q-learning (Kostrikov et al. 2021): expectile value, Q to r + gamma V(s'), AWR actor."""
 
+    state = ("actor", "q", "q_target", "v", "actor_opt", "q_opt", "v_opt")
+
     def __init__(self, s_dim, a_dim, args: Args, device):
         self.actor = GaussianActor(s_dim, a_dim, args.hidden).to(device)
         self.q = TwinQ(s_dim, a_dim, args.hidden).to(device)
@@ -551,12 +478,12 @@ class IQL(Agent):
     def update(self, b):
         with torch.no_grad():
             q_t = self.q_target(b["s"], b["a"]).min(0).values
-            v_next = self.v(b["s2"]).squeeze(-1)
+            v_next = self.v(b["s_next"]).squeeze(-1)
         v = self.v(b["s"]).squeeze(-1)
         v_loss = expectile_loss(q_t - v, self.expectile)
         gradient_step(self.v_opt, v_loss)
 
-        q_loss = critic_loss(self.q(b["s"], b["a"]), iql_q_target(b["r"], b["d"], v_next, self.gamma))
+        q_loss = critic_loss(self.q(b["s"], b["a"]), iql_q_target(b["r"], b["terminal"], v_next, self.gamma))
         gradient_step(self.q_opt, q_loss)
 
         pi_loss = awr_actor_loss(self.actor.log_prob(b["s"], b["a"]), (q_t - v).detach(), self.temperature)
@@ -567,6 +494,8 @@ class IQL(Agent):
 
 class BC(Agent):
     """Behavior cloning with a Gaussian policy; the same estimator gives pi_D for the importance weights."""
+
+    state = ("actor", "actor_opt")
 
     def __init__(self, s_dim, a_dim, args: Args, device):
         self.actor = GaussianActor(s_dim, a_dim, args.hidden).to(device)
@@ -582,8 +511,8 @@ AGENTS = {"sac": SAC, "iql": IQL, "bc": BC}
 
 
 # ==================================================================================================================
-# World model M_{theta,eta}: a classifier-free guided DDPM over the normalized next state (Sec. 3, Eq. 1-2),
-# conditioned on (s, a), and a reward/terminal model r_eta(s, a, s') (Sec. 4.1).
+# 5. World model M_{theta,eta}: a classifier-free guided DDPM over the normalized next state (Sec. 3, Eq. 1-2),
+#    conditioned on (s, a), and a reward/terminal model r_eta(s, a, s') (Sec. 4.1).
 # ==================================================================================================================
 def cosine_schedule(K: int, s: float) -> dict[str, torch.Tensor]:
     """Cosine noise schedule (Nichol & Dhariwal 2021): alpha_bar_k = f(k)/f(0), f(k) = cos^2((k/K + s)/(1 + s) pi/2),
@@ -594,7 +523,7 @@ def cosine_schedule(K: int, s: float) -> dict[str, torch.Tensor]:
     alpha_bar = torch.cumprod(alphas, 0)  # recomputed from the clipped betas, so alpha_bar_K > 0
     alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
     sched = {
-        "betas": betas, "alphas": alphas, "alpha_bar": alpha_bar,
+        "betas": betas, "alpha_bar": alpha_bar,
         "post_var": betas * (1 - alpha_bar_prev) / (1 - alpha_bar),        # Sigma_k of Eq. 1
         "post_c0": betas * alpha_bar_prev.sqrt() / (1 - alpha_bar),        # posterior mean = c0 x_0 + ck x_k
         "post_ck": alphas.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar),
@@ -608,56 +537,59 @@ class WorldModel(nn.Module):
     def __init__(self, s_dim: int, a_dim: int, hidden: int = 256, depth: int = 3, K: int = 10, cosine_s: float = 1e-4,
                  guidance_weight: float = 0.1, cond_drop_prob: float = 0.1, t_dim: int = 32):
         super().__init__()
-        self.s_dim, self.K, self.w, self.p_drop = s_dim, K, guidance_weight, cond_drop_prob
+        self.s_dim, self.K = s_dim, K
+        self.guidance_weight, self.cond_drop_prob = guidance_weight, cond_drop_prob
         self.t_embed = nn.Embedding(K, t_dim)  # learned timestep embedding, one vector per k
         # input: x_k, condition (s, a) or zeros, a flag saying whether the condition is present, embed(k)
-        self.eps_net = mlp(s_dim + (s_dim + a_dim) + 1 + t_dim, s_dim, hidden, depth, nn.SiLU)
+        self.noise_net = mlp(s_dim + (s_dim + a_dim) + 1 + t_dim, s_dim, hidden, depth, nn.SiLU)
         self.reward_net = mlp(s_dim + a_dim + s_dim, 2, hidden, 2, nn.SiLU)  # -> reward, terminal logit
-        for k, v in cosine_schedule(K, cosine_s).items():
-            self.register_buffer(k, v)
+        sched = cosine_schedule(K, cosine_s)
+        for k in ("alpha_bar", "post_var", "post_c0", "post_ck"):  # what training and sampling read
+            self.register_buffer(k, sched[k])
         # Ranges of the data (set by set_ranges): generated states and rewards are clipped to them (Sec. 4.1).
         self.register_buffer("s_lo", torch.full((s_dim,), -torch.inf))
         self.register_buffer("s_hi", torch.full((s_dim,), torch.inf))
         self.register_buffer("r_lo", torch.tensor(-torch.inf))
         self.register_buffer("r_hi", torch.tensor(torch.inf))
 
-    def set_ranges(self, s2: torch.Tensor, r: torch.Tensor) -> None:
-        self.s_lo.copy_(s2.min(0).values), self.s_hi.copy_(s2.max(0).values)
+    def set_ranges(self, s_next: torch.Tensor, r: torch.Tensor) -> None:
+        self.s_lo.copy_(s_next.min(0).values), self.s_hi.copy_(s_next.max(0).values)
         self.r_lo.copy_(r.min()), self.r_hi.copy_(r.max())
 
-    def eps(self, x_k, k, cond, has_cond):
-        """eps_theta(x_k, k | cond); has_cond (B, 1) is 0 where the condition is the null token."""
-        return self.eps_net(torch.cat([x_k, cond * has_cond, has_cond, self.t_embed(k - 1)], -1))
+    def eps_theta(self, x_k, k, cond, has_cond):
+        """eps_theta(x_k, k | cond): x_k (B, S), k (B,) in 1..K, cond (B, S + A), has_cond (B, 1) is 0 where the
+        condition is the null token. -> (B, S)"""
+        return self.noise_net(torch.cat([x_k, cond * has_cond, has_cond, self.t_embed(k - 1)], -1))
 
-    def reward_terminal_logits(self, s, a, s2):
-        r, d_logit = self.reward_net(torch.cat([s, a, s2], -1)).unbind(-1)
+    def reward_terminal_logits(self, s, a, s_next):  # (B, S), (B, A), (B, S) -> reward (B,), terminal logit (B,)
+        r, d_logit = self.reward_net(torch.cat([s, a, s_next], -1)).unbind(-1)
         return r, d_logit
 
-    def loss_per_sample(self, s, a, r, d, s2) -> torch.Tensor:
+    def loss_per_sample(self, s, a, r, terminal, s_next) -> torch.Tensor:
         """l_i of Algorithm 1 (IWU): ||eps - eps_theta(s_noise, (s, a), k)||^2 + (r - r_eta)^2, plus the terminal's
         cross-entropy. The eps error is averaged over state dimensions. -> (B,)"""
         B = s.shape[0]
         k = torch.randint(1, self.K + 1, (B,), device=s.device)           # k ~ Uniform{1..K}
-        noise = torch.randn_like(s2)
-        ab = self.alpha_bar[k - 1].unsqueeze(-1)
-        x_k = ab.sqrt() * s2 + (1 - ab).sqrt() * noise                     # s_noise
-        has_cond = (torch.rand(B, 1, device=s.device) >= self.p_drop).float()  # classifier-free: drop (s, a)
-        eps_loss = ((noise - self.eps(x_k, k, torch.cat([s, a], -1), has_cond)) ** 2).mean(-1)
-        r_pred, d_logit = self.reward_terminal_logits(s, a, s2)
-        term_loss = F.binary_cross_entropy_with_logits(d_logit, d, reduction="none")
-        return eps_loss + (r - r_pred) ** 2 + term_loss
+        noise = torch.randn_like(s_next)
+        ab = self.alpha_bar[k - 1].unsqueeze(-1)                           # (B, 1)
+        x_k = ab.sqrt() * s_next + (1 - ab).sqrt() * noise                 # s_noise
+        has_cond = (torch.rand(B, 1, device=s.device) >= self.cond_drop_prob).float()  # classifier-free: drop (s, a)
+        eps_loss = ((noise - self.eps_theta(x_k, k, torch.cat([s, a], -1), has_cond)) ** 2).mean(-1)
+        r_pred, d_logit = self.reward_terminal_logits(s, a, s_next)
+        terminal_loss = F.binary_cross_entropy_with_logits(d_logit, terminal, reduction="none")
+        return eps_loss + (r - r_pred) ** 2 + terminal_loss
 
     @torch.no_grad()
     def sample(self, s, a) -> torch.Tensor:
         """s' ~ P_theta(.|s, a) by K guided denoising steps (Eq. 1-2). (B, S), (B, A) -> (B, S), in the data's range."""
         B = s.shape[0]
-        cond = torch.cat([s, a], -1).repeat(2, 1)                          # conditional and null rows, one pass
-        has_cond = torch.cat([torch.ones(B, 1), torch.zeros(B, 1)]).to(s)
-        omega = 1.0 + self.w                                               # guidance weight of Eq. 2
-        x = torch.randn(B, self.s_dim, device=s.device)                   # x_K ~ N(0, I)
+        cond = torch.cat([s, a], -1).repeat(2, 1)                          # (2B, S + A): conditional rows, null rows
+        has_cond = torch.cat([torch.ones(B, 1, device=s.device), torch.zeros(B, 1, device=s.device)])  # (2B, 1)
+        omega = 1.0 + self.guidance_weight                                 # guidance weight of Eq. 2
+        x = torch.randn(B, self.s_dim, device=s.device)                   # x_K ~ N(0, I), (B, S)
         for k in range(self.K, 0, -1):
             kk = torch.full((2 * B,), k, device=s.device, dtype=torch.long)
-            e_cond, e_null = self.eps(x.repeat(2, 1), kk, cond, has_cond).chunk(2)
+            e_cond, e_null = self.eps_theta(x.repeat(2, 1), kk, cond, has_cond).chunk(2)  # (2B, S) -> 2 x (B, S)
             e = e_null + omega * (e_cond - e_null)                         # Eq. 2
             ab = self.alpha_bar[k - 1]
             # mu_theta of Eq. 1, written through the predicted x_0. Clipping x_0 to the data's range keeps the first
@@ -666,85 +598,71 @@ class WorldModel(nn.Module):
             x = self.post_c0[k - 1] * x0 + self.post_ck[k - 1] * x
             if k > 1:
                 x = x + self.post_var[k - 1].sqrt() * torch.randn_like(x)
-        return x.clamp(self.s_lo, self.s_hi)
+        return x.clamp(self.s_lo, self.s_hi)  # generated states clipped to the data's range (Sec. 4.1)
 
     @torch.no_grad()
-    def reward_terminal(self, s, a, s2):
-        """r_hat clipped to the data's reward range (Sec. 4.1), terminal d = sigmoid(logit) > 1/2."""
-        r, d_logit = self.reward_terminal_logits(s, a, s2)
+    def reward_terminal(self, s, a, s_next):
+        """r_hat clipped to the data's reward range (Sec. 4.1), terminal d = sigmoid(logit) > 1/2. -> (B,), (B,)"""
+        r, d_logit = self.reward_terminal_logits(s, a, s_next)
         return r.clamp(self.r_lo, self.r_hi), d_logit > 0
+
+
+def weighted_loss(l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """L(theta, eta) = 1/N sum_i w_i l_i (Eq. 3)."""
+    return (w * l).mean()
 
 
 def world_model_update(wm: WorldModel, opt, b: dict[str, torch.Tensor], w: torch.Tensor | None = None):
     """One gradient step on L(theta, eta) = 1/N sum_i w_i l_i (Eq. 3); w = None is pretraining (pi = pi_D, w = 1)."""
-    l = wm.loss_per_sample(b["s"], b["a"], b["r"], b["d"], b["s2"])
+    l = wm.loss_per_sample(b["s"], b["a"], b["r"], b["terminal"], b["s_next"])
     loss = l.mean() if w is None else weighted_loss(l, w)
     gradient_step(opt, loss)
     return loss.detach()
 
 
-def pretrain(args: Args, D: Buffer, s_dim: int, a_dim: int, device, cache_dir: Path):
-    """Algorithm 1's initialisation: fit pi_D by BC, then the world model with unit weights, IWU(pi_D, D).
-    Cached on disk under a key of the settings that shape it, so a rerun (or the no-IS ablation) reuses it."""
-    keys = ("env", "dataset", "dataset_size", "seed", "world_model_steps", "world_model_batch_size",
-            "behavior_steps", "batch_size", "denoising_steps", "cosine_s", "model_hidden", "model_depth",
-            "cond_drop_prob", "lr", "hidden")
-    settings = {k: getattr(args, k) for k in keys}
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    path = cache_dir / f"{args.env}-{args.dataset}-s{args.seed}-{key}.pt"
-    wm = WorldModel(s_dim, a_dim, args.model_hidden, args.model_depth, args.denoising_steps, args.cosine_s,
-                    args.guidance_weight, args.cond_drop_prob).to(device)
-    wm.set_ranges(D.data["s2"][: D.size], D.data["r"][: D.size])
-    wm_opt = adam(wm.parameters(), args.lr)
-    pi_D = BC(s_dim, a_dim, args, device)
-    ck = None
-    if path.exists():
-        try:
-            ck = torch.load(path, map_location=device)
-        except Exception as e:  # a file cut short by a crash: train again rather than fail
-            print(f"cached world model {path} is unreadable ({type(e).__name__}); training it again", flush=True)
-    if ck is not None:
-        wm.load_state_dict(ck["wm"]), wm_opt.load_state_dict(ck["wm_opt"]), pi_D.load_state_dict(ck["pi_D"])
-        print(f"loaded pretrained world model and pi_D from {path}", flush=True)
-        return wm, wm_opt, pi_D.actor, 0
+def pretrain(args: Args, D: Buffer, wm: WorldModel, wm_opt, pi_D: BC) -> None:
+    """Algorithm 1's initialisation: fit pi_D by behavior cloning (Sec. 4.2), then the world model on D with unit
+    weights, IWU(pi_D, D, theta, eta). `pretrained_world_model` (section 10) caches the result on disk."""
     progress = Progress("behavior policy pi_D", args.behavior_steps, args.log_every)
     for step in range(1, args.behavior_steps + 1):
         progress.update(step, pi_D.update(D.sample(args.batch_size)))
     progress = Progress("world model", args.world_model_steps, args.log_every)
     for step in range(1, args.world_model_steps + 1):
         progress.update(step, {"loss": world_model_update(wm, wm_opt, D.sample(args.world_model_batch_size))})
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save({"wm": wm.state_dict(), "wm_opt": wm_opt.state_dict(), "pi_D": pi_D.state_dict(),
-                 "settings": settings}, path)
-    print(f"saved pretrained world model to {path}", flush=True)
-    return wm, wm_opt, pi_D.actor, args.world_model_steps
 
 
 # ==================================================================================================================
-# Policy evaluation in the model (Algorithm 1, PE): batched rollouts of H steps from random dataset states.
+# 6. Policy evaluation in the model (Algorithm 1, PE): batched rollouts of H steps from random dataset states.
 # ==================================================================================================================
 @torch.no_grad()
-def rollout(wm: WorldModel, policy: GaussianActor, s0: torch.Tensor, horizon: int,
+def rollout(wm: WorldModel, policy: Policy, s0: torch.Tensor, horizon: int,
             deterministic: bool = False) -> dict[str, torch.Tensor]:
     """a_t ~ pi(s_t), s_{t+1} by guided denoising, (r_t, d_t) = r_eta(s_t, a_t, s_{t+1}); a rollout stops at its
-    terminal. Returns (B, H, .) tensors and `valid` (B, H), False for steps after a terminal."""
-    B, H = s0.shape[0], horizon
+    terminal. s0 (B, S) -> (B, H, .) tensors for each field of a transition, and `valid` (B, H), False for steps
+    after a terminal."""
     out = {k: [] for k in Buffer.FIELDS}
-    valid, alive = [], torch.ones(B, dtype=torch.bool, device=s0.device)
+    valid, alive = [], torch.ones(s0.shape[0], dtype=torch.bool, device=s0.device)
     s = s0
-    for _ in range(H):
+    for _ in range(horizon):
         a = policy.act(s, deterministic)
-        s2 = wm.sample(s, a)
-        r, d = wm.reward_terminal(s, a, s2)
-        for k, v in zip(Buffer.FIELDS, (s, a, r, s2, d.float())):
+        s_next = wm.sample(s, a)
+        r, terminal = wm.reward_terminal(s, a, s_next)
+        for k, v in zip(Buffer.FIELDS, (s, a, r, s_next, terminal.float())):
             out[k].append(v)
         valid.append(alive)
-        alive = alive & ~d
-        s = s2
+        alive = alive & ~terminal
+        s = s_next
     return {**{k: torch.stack(v, 1) for k, v in out.items()}, "valid": torch.stack(valid, 1)}
 
 
-def policy_batch(D: Buffer, D_hat: Buffer, n: int, model_ratio: float) -> dict[str, torch.Tensor]:
+def policy_evaluation(wm: WorldModel, pi: Policy, D: Buffer, D_hat: Buffer, n_rollouts: int, horizon: int) -> int:
+    """D_hat <- D_hat U PE(M_{theta,eta}, pi): n rollouts from random states of D. -> transitions added."""
+    roll = rollout(wm, pi, D.sample(n_rollouts)["s"], horizon)
+    D_hat.add({k: roll[k][roll["valid"]] for k in Buffer.FIELDS})  # (n, H, .) -> (valid, .)
+    return int(roll["valid"].sum())
+
+
+def policy_batch(D: Buffer, D_hat: Buffer | None, n: int, model_ratio: float) -> dict[str, torch.Tensor]:
     """B ~ D U D_hat: a fixed fraction of the batch from the model buffer once it holds data."""
     n_model = round(n * model_ratio) if D_hat is not None and D_hat.size > 0 else 0
     if n_model == 0:
@@ -754,13 +672,15 @@ def policy_batch(D: Buffer, D_hat: Buffer, n: int, model_ratio: float) -> dict[s
 
 
 # ==================================================================================================================
-# Importance-sampled world-model update (Algorithm 1, IWU; Eq. 3)
+# 7. Importance-sampled world-model update (Algorithm 1, IWU; Eq. 3)
 # ==================================================================================================================
 @torch.no_grad()
-def importance_weights(pi, pi_D, s, a, max_weight: float = 10.0, self_normalize: bool = True) -> torch.Tensor:
-    """w_i = pi_phi(a_i|s_i) / pi_D(a_i|s_i) (Eq. 3), computed in log space. The raw ratio of two densities over a
-    3-6 dimensional action space spans many orders of magnitude, so by default it is self-normalized (w / mean w, as a
-    softmax of the log ratios, which also cancels any constant offset) and truncated at max_weight."""
+def importance_weights(pi: Policy, pi_D: Policy, s, a, max_weight: float = 10.0,
+                       self_normalize: bool = True) -> torch.Tensor:
+    """w_i = pi_phi(a_i|s_i) / pi_D(a_i|s_i) (Eq. 3), computed in log space. (B, S), (B, A) -> (B,). The raw ratio of
+    two densities over a 3-6 dimensional action space spans many orders of magnitude, so by default it is
+    self-normalized (w / mean w, as a softmax of the log ratios, which also cancels any constant offset) and
+    truncated at max_weight."""
     log_w = pi.log_prob(s, a) - pi_D.log_prob(s, a)
     log_w = torch.nan_to_num(log_w, nan=0.0, posinf=50.0, neginf=-50.0)
     if self_normalize:
@@ -772,29 +692,164 @@ def importance_weights(pi, pi_D, s, a, max_weight: float = 10.0, self_normalize:
     return torch.where(w < 1e-8, 0.0, w.clamp(max=max_weight))
 
 
-def weighted_loss(l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """L(theta, eta) = 1/N sum_i w_i l_i (Eq. 3)."""
-    return (w * l).mean()
-
-
 def effective_sample_size(w: torch.Tensor) -> torch.Tensor:
     """(sum w)^2 / sum w^2 / N in (0, 1]: the share of the batch the weighted loss effectively uses."""
     return w.sum() ** 2 / (w**2).sum().clamp_min(1e-12) / len(w)
 
 
-# ==================================================================================================================
-# Training loop (Algorithm 1)
-# ==================================================================================================================
-METRICS = ["step", "return", "return_std", "normalized_score", "normalized_score_std", "train_steps_per_second",
-           "wall_seconds", "eps_r", "eps_m", "eps_pi", "return_gap_bound", "is_ess", "sim_state_error",
-           "sim_reward_error", "sim_state_error_h", "sim_states"]
+def importance_sampled_update(wm: WorldModel, opt, pi: Policy, pi_D: Policy, b: dict[str, torch.Tensor],
+                              args: Args) -> torch.Tensor:
+    """IWU(pi_phi, D, theta, eta): weigh a batch b ~ D by Eq. 3, then one gradient step on the weighted loss."""
+    w = importance_weights(pi, pi_D, b["s"], b["a"], args.is_max_weight, args.is_self_normalize)
+    return world_model_update(wm, opt, b, w)
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename, so a crash never leaves a half-written file."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# ==================================================================================================================
+# 8. Training loop (Algorithm 1)
+# ==================================================================================================================
+COUNTS = ("policy_updates", "rollouts", "model_transitions", "iwu_updates", "evaluations", "checkpoints",
+          "world_model_pretrain_steps")
+METRICS = ("step", "return", "return_std", "normalized_score", "normalized_score_std", "train_steps_per_second",
+           "wall_seconds")
+DIAGNOSTICS = ("eps_r", "eps_m", "eps_pi", "return_gap_bound", "is_ess", "sim_state_error", "sim_reward_error",
+               "sim_state_error_h", "sim_states")
+
+
+class RunLog:
+    """The bookkeeping that main() leaves out: how often each phase ran, the metrics history, progress lines, and
+    the speed of this process's own steps (the first 10% of them, at most 1000, are warm-up and not timed)."""
+
+    def __init__(self, args: Args):
+        self.counts = dict.fromkeys(COUNTS, 0)
+        self.history: list[dict] = []
+        self.t_start, self.total, self.log_every = time.perf_counter(), args.total_steps, args.log_every
+        self.train_seconds, self.timed_steps = 0.0, 0
+        self.rollout_seconds, self.rolled = 0.0, 0
+
+    def start(self, step: int) -> None:
+        self.progress = Progress("train", self.total, self.log_every, step)
+        self.warmup_until = step + min(1000, max(0, (self.total - step) // 10))
+
+    def step_begins(self) -> None:
+        self.t_step = time.perf_counter()
+
+    def rollouts_done(self, n_rollouts: int, n_transitions: int, seconds: float) -> None:
+        self.counts["rollouts"] += n_rollouts
+        self.counts["model_transitions"] += n_transitions
+        self.rollout_seconds, self.rolled = self.rollout_seconds + seconds, self.rolled + n_transitions
+
+    def step_ends(self, step: int, losses: dict) -> None:
+        self.counts["policy_updates"] += 1
+        if step > self.warmup_until:
+            self.train_seconds += time.perf_counter() - self.t_step
+            self.timed_steps += 1
+        self.progress.update(step, losses)
+
+    def steps_per_second(self) -> float:
+        return self.timed_steps / self.train_seconds if self.train_seconds else float("nan")
+
+    def record(self, row: dict) -> None:
+        self.history.append({k: int(v) if k in ("step", "sim_states") else float(v) for k, v in row.items()})
+        self.counts["evaluations"] += 1
+        print(f"[eval] step {row['step']} " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"),
+              flush=True)
+
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts), "history": list(self.history)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.counts.update(sd["counts"])
+        self.history = list(sd["history"])
+
+
+@dataclass
+class Run:
+    """Everything the loop works on, in one place: the evaluation and the checkpoint need all of it."""
+
+    args: Args
+    dir: Path
+    device: torch.device
+    normalizer: Normalizer
+    D: Buffer
+    agent: Agent
+    refs: dict  # reference returns {"random", "expert"} for normalized scores, and their "source"
+    envs: list  # --eval-episodes simulators
+    log: RunLog
+    wm: WorldModel | None = None
+    wm_opt: torch.optim.Optimizer | None = None
+    pi_D: Policy | None = None
+    D_hat: Buffer | None = None
+
+    def state_dict(self) -> dict:
+        sd = {"agent": self.agent.state_dict(), **self.log.state_dict(), "normalizer": self.normalizer.state_dict(),
+              "rng": rng_state(), "args": dataclasses.asdict(self.args)}
+        if self.wm is not None:
+            sd.update(wm=self.wm.state_dict(), wm_opt=self.wm_opt.state_dict(), pi_D=self.pi_D.state_dict(),
+                      D_hat=self.D_hat.state_dict())
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.agent.load_state_dict(sd["agent"])
+        self.log.load_state_dict(sd)
+        if self.wm is not None:
+            self.wm.load_state_dict(sd["wm"]), self.wm_opt.load_state_dict(sd["wm_opt"])
+            self.pi_D.load_state_dict(sd["pi_D"]), self.D_hat.load_state_dict(sd["D_hat"])
+        set_rng_state(sd["rng"])
+
+
+def main(args: Args) -> dict:
+    """Algorithm 1. Returns the run's summary (also written to <run folder>/summary.json)."""
+    check_args(args)
+    device = setup_torch(args)
+    run_dir = Path(args.output_dir) / run_name(args)
+    if args.resume and not (run_dir / "checkpoint.pt").exists():
+        raise UserError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"device: {device} | run folder: {run_dir}", flush=True)
+
+    # Normalize the dataset D (states z-scored with the dataset's statistics, Sec. 4.1)
+    data, refs = load_transitions(args)
+    normalizer = Normalizer(data["s"].mean(0), data["s"].std(0)).to(device)
+    D = dataset_buffer(data, normalizer, device)
+    s_dim, a_dim = data["s"].shape[1], data["a"].shape[1]
+    # Initialize the target policy pi_phi (the agent's actor) and the replay buffer D_hat = {}
+    agent = AGENTS[args.agent](s_dim, a_dim, args, device)
+    run = Run(args, run_dir, device, normalizer, D, agent, refs,
+              [gym.make(ENVS[args.env].gym_id) for _ in range(args.eval_episodes)], RunLog(args))
+    if args.world_model:  # Initialize M_{theta,eta} with D and pi_D: IWU(pi_D, D, theta, eta), cached on disk
+        run.wm, run.wm_opt, run.pi_D, run.log.counts["world_model_pretrain_steps"] = pretrained_world_model(
+            args, D, s_dim, a_dim, device)
+        run.D_hat = Buffer(args.model_buffer_size, s_dim, a_dim, device)
+    wm, wm_opt, pi_D, D_hat, log = run.wm, run.wm_opt, run.pi_D, run.D_hat, run.log
+    adapt = args.world_model and args.importance_sampling
+
+    start = load_checkpoint(run_dir / "checkpoint.pt", run) if args.resume else 0
+    log.start(start)
+    for step in range(start + 1, args.total_steps + 1):
+        log.step_begins()
+        if wm is not None and (step - 1) % args.rollout_every == 0:  # D_hat <- D_hat U PE(M_{theta,eta}, pi_phi)
+            t = time.perf_counter()
+            n_new = policy_evaluation(wm, agent.actor, D, D_hat, args.rollout_batch_size, args.horizon)
+            log.rollouts_done(args.rollout_batch_size, n_new, time.perf_counter() - t)
+        # Update phi with B ~ D U D_hat via the offline RL method
+        losses = agent.update(policy_batch(D, D_hat, args.batch_size, args.model_ratio))
+        if adapt and step % args.iwu_every == 0:  # IWU(pi_phi, D, theta, eta)
+            losses["wm_loss"] = importance_sampled_update(wm, wm_opt, agent.actor, pi_D, D.sample(args.is_batch_size),
+                                                          args)
+            log.counts["iwu_updates"] += 1
+        log.step_ends(step, losses)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            evaluate_and_checkpoint(run, step)
+    return write_summary(run)
+
+
+def setup_torch(args: Args) -> torch.device:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # subnormal floats are ~100x slower on x86 CPUs; none of our numbers need them
+    torch.manual_seed(args.seed)  # seeds the CPU generator and every CUDA one
+    np.random.seed(args.seed)
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
 
 def run_name(args: Args) -> str:
@@ -804,139 +859,16 @@ def run_name(args: Args) -> str:
     return f"{args.env}-{args.dataset}-{mode}{args.agent}-s{args.seed}"
 
 
-def main(args: Args) -> dict:
-    check_args(args)
-    t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # subnormal floats are ~100x slower on x86 CPUs; none of our numbers need them
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    run_dir = Path(args.output_dir) / run_name(args)
-    ckpt_path = run_dir / "checkpoint.pt"
-    if args.resume and not ckpt_path.exists():
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"device: {device} | run folder: {run_dir}", flush=True)
-
-    # ---- data (Algorithm 1: "Normalize the dataset D") ----
-    data, ref_min, ref_max = load_transitions(args)
-    s_dim, a_dim = data["obs"].shape[1], data["act"].shape[1]
-    normalizer = Normalizer(data["obs"].mean(0), data["obs"].std(0)).to(device)
-    D = dataset_buffer(data, normalizer, device)
-    r_max = float(np.abs(data["rew"]).max())
-    gym_id, _, _, clips_velocity = ENVS[args.env]
-    eval_envs = [gym.make(gym_id) for _ in range(args.eval_episodes)]
-
-    # ---- agent, world model, pi_D (Algorithm 1: initialise pi_phi; initialise M with D and pi_D) ----
-    agent = AGENTS[args.agent](s_dim, a_dim, args, device)
-    counts = {"policy_updates": 0, "rollouts": 0, "model_transitions": 0, "iwu_updates": 0, "evaluations": 0,
-              "checkpoints": 0, "world_model_pretrain_steps": 0}
-    wm = wm_opt = pi_D = D_hat = None
-    if args.world_model:
-        wm, wm_opt, pi_D, counts["world_model_pretrain_steps"] = pretrain(
-            args, D, s_dim, a_dim, device, Path(args.output_dir) / "world_models")
-        D_hat = Buffer(args.model_buffer_size, s_dim, a_dim, device)
-    adapt = args.world_model and args.importance_sampling
-
-    start_step, history = 0, []
-    if args.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        agent.load_state_dict(ck["agent"])
-        if wm is not None:
-            wm.load_state_dict(ck["wm"]), wm_opt.load_state_dict(ck["wm_opt"]), D_hat.load_state_dict(ck["D_hat"])
-        torch.set_rng_state(ck["rng"])
-        start_step, history, counts = ck["step"], ck["history"], {**counts, **ck["counts"]}
-        print(f"resumed from {ckpt_path} at step {start_step}", flush=True)
-
-    # ---- closed loop: PE -> policy update -> IWU, per gradient step ----
-    progress = Progress("train", args.total_steps, args.log_every, start_step)
-    warmup = start_step + min(1000, max(0, (args.total_steps - start_step) // 10))  # steps left out of the speed
-    train_time, rollout_time, timed_steps, rolled = 0.0, 0.0, 0, 0  # speed of this process (a resume restarts it)
-    last = {}
-    for step in range(start_step + 1, args.total_steps + 1):
-        t0 = time.perf_counter()
-        if wm is not None and (step - 1) % args.rollout_every == 0:  # PE(M_{theta,eta}, pi_phi) into D_hat
-            t_r = time.perf_counter()
-            roll = rollout(wm, agent.actor, D.sample(args.rollout_batch_size)["s"], args.horizon)
-            D_hat.add({k: roll[k][roll["valid"]] for k in Buffer.FIELDS})
-            n_valid = int(roll["valid"].sum())
-            counts["rollouts"] += args.rollout_batch_size
-            counts["model_transitions"] += n_valid
-            rolled += n_valid
-            rollout_time += time.perf_counter() - t_r
-        last = agent.update(policy_batch(D, D_hat, args.batch_size, args.model_ratio))  # update phi with B
-        counts["policy_updates"] += 1
-        if adapt and step % args.iwu_every == 0:  # IWU(pi_phi, D, theta, eta)
-            b = D.sample(args.is_batch_size)
-            w = importance_weights(agent.actor, pi_D, b["s"], b["a"], args.is_max_weight, args.is_self_normalize)
-            last["wm_loss"] = world_model_update(wm, wm_opt, b, w)
-            counts["iwu_updates"] += 1
-        if step > warmup:
-            train_time += time.perf_counter() - t0
-            timed_steps += 1
-        progress.update(step, last)
-
-        if step % args.eval_every == 0 or step == args.total_steps:
-            returns = evaluate(agent.actor, normalizer, eval_envs, seed=10_000 + args.seed * 1000)
-            scores = normalized_score(returns, ref_min, ref_max)
-            row = {"step": step, "return": returns.mean(), "return_std": returns.std(),
-                   "normalized_score": scores.mean(), "normalized_score_std": scores.std(),
-                   "train_steps_per_second": timed_steps / train_time if train_time else float("nan"),
-                   "wall_seconds": time.perf_counter() - t_start}
-            if wm is not None:
-                b = D.sample(args.diag_samples)
-                row.update(return_gap_diagnostics(wm, agent.actor, pi_D, b, args.gamma, r_max, args.is_max_weight,
-                                                  args.is_self_normalize))
-                row.update(simulator_errors(wm, agent.actor, normalizer, eval_envs[0],
-                                            normalizer.inverse(b["s"]).cpu().numpy(), args.horizon, clips_velocity))
-            history.append({k: int(v) if k in ("step", "sim_states") else float(v) for k, v in row.items()})
-            counts["evaluations"] += 1
-            print(f"[eval] step {step} " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"), flush=True)
-            with open(run_dir / "metrics.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, METRICS, restval="", extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(history)
-            counts["checkpoints"] += 1
-            atomic_save({"step": step, "agent": agent.state_dict(), "history": history, "counts": counts,
-                         "rng": torch.get_rng_state(), "normalizer": normalizer.state_dict(),
-                         "args": dataclasses.asdict(args),
-                         **({"wm": wm.state_dict(), "wm_opt": wm_opt.state_dict(), "D_hat": D_hat.state_dict()}
-                            if wm is not None else {})}, ckpt_path)
-            progress.restart(step)  # keep evaluation time out of the windowed speed
-
-    # ---- summary ----
-    final = history[-1]
-    last3 = [h["normalized_score"] for h in history[-3:]]
-    summary = {
-        "env": args.env, "dataset": args.dataset, "agent": args.agent, "seed": args.seed,
-        "mode": "adept" if adapt else ("diff" if args.world_model else "none"),
-        "total_steps": args.total_steps, "normalized_score": final["normalized_score"],
-        "normalized_score_std": final["normalized_score_std"], "normalized_score_last3": float(np.mean(last3)),
-        "return": final["return"], "return_std": final["return_std"],
-        "reference_returns": {"random": ref_min, "expert": ref_max},
-        "train_steps_per_second": timed_steps / train_time if train_time else float("nan"),
-        "rollout_transitions_per_second": rolled / rollout_time if rollout_time else None,
-        "wall_seconds": time.perf_counter() - t_start, "device": str(device), "counts": counts,
-        **{k: final.get(k) for k in METRICS[7:]}, "args": dataclasses.asdict(args),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"final normalized score {summary['normalized_score']:.1f} +- {summary['normalized_score_std']:.1f} "
-          f"(mean of last 3 evaluations {summary['normalized_score_last3']:.1f}); wrote {run_dir / 'summary.json'}")
-    return summary
-
-
 # ==================================================================================================================
-# Evaluation in the real simulator, and measurements of the world model
+# 9. Evaluation in the real simulator, and measurements of the world model
 # ==================================================================================================================
-def normalized_score(ret, ref_min: float, ref_max: float):
+def normalized_score(ret, ref_random: float, ref_expert: float):
     """D4RL normalized score: 100 (R - R_random) / (R_expert - R_random)."""
-    return 100.0 * (ret - ref_min) / (ref_max - ref_min)
+    return 100.0 * (ret - ref_random) / (ref_expert - ref_random)
 
 
 @torch.no_grad()
-def evaluate(policy: GaussianActor, normalizer: Normalizer, envs: list, seed: int) -> np.ndarray:
+def evaluate(policy: Policy, normalizer: Normalizer, envs: list, seed: int) -> np.ndarray:
     """Returns of one episode per environment, deterministic actions, all episodes stepped as one batch."""
     device = normalizer.mean.device
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
@@ -953,16 +885,17 @@ def evaluate(policy: GaussianActor, normalizer: Normalizer, envs: list, seed: in
 
 
 @torch.no_grad()
-def return_gap_diagnostics(wm, pi, pi_D, b, gamma, r_max, max_weight, self_normalize) -> dict[str, float]:
+def return_gap_diagnostics(wm: WorldModel, pi: Policy, pi_D: Policy, b: dict, gamma: float, r_max: float,
+                           max_weight: float, self_normalize: bool) -> dict[str, float]:
     """Estimates of the errors of Theorem 4.4 on dataset transitions b, and the bound C of Eq. 9.
     eps_r, eps_m: importance-weighted (i.e. under pi_phi, as Definitions 4.1-4.2 ask) mean squared errors of the
     model's reward and of its sampled next state (normalized units), the paper's practical proxy for the TV terms.
     eps_pi: TV(pi_phi, pi_D) = E_{a ~ pi_phi}[max(0, 1 - pi_D(a|s)/pi_phi(a|s))], averaged over dataset states (the
     policy shift the proof's first and third terms bound; the max over states of Definition 4.3 is too noisy)."""
     w = importance_weights(pi, pi_D, b["s"], b["a"], max_weight, self_normalize)
-    s2_hat = wm.sample(b["s"], b["a"])
-    r_hat, _ = wm.reward_terminal(b["s"], b["a"], s2_hat)
-    eps_m = (w * ((s2_hat - b["s2"]) ** 2).mean(-1)).sum() / w.sum()
+    s_next_hat = wm.sample(b["s"], b["a"])
+    r_hat, _ = wm.reward_terminal(b["s"], b["a"], s_next_hat)
+    eps_m = (w * ((s_next_hat - b["s_next"]) ** 2).mean(-1)).sum() / w.sum()
     eps_r = (w * (r_hat - b["r"]) ** 2).sum() / w.sum()
     a_pi, logp = pi.sample(b["s"])
     eps_pi = (1 - torch.exp((pi_D.log_prob(b["s"], a_pi) - logp).clamp(max=0))).mean()
@@ -972,7 +905,7 @@ def return_gap_diagnostics(wm, pi, pi_D, b, gamma, r_max, max_weight, self_norma
 
 
 @torch.no_grad()
-def simulator_errors(wm: WorldModel, pi, normalizer: Normalizer, env, obs: np.ndarray, horizon: int,
+def simulator_errors(wm: WorldModel, pi: Policy, normalizer: Normalizer, env, obs: np.ndarray, horizon: int,
                      clips_velocity: bool) -> dict[str, float]:
     """The model against the real simulator, under the current policy (deterministic actions). The simulator is put
     in the state each dataset observation describes (x position, which the observation omits and the dynamics do not
@@ -997,7 +930,7 @@ def simulator_errors(wm: WorldModel, pi, normalizer: Normalizer, env, obs: np.nd
             if terminated:
                 break
     model = rollout(wm, pi, normalizer(torch.as_tensor(obs, dtype=torch.float32, device=device)), horizon, True)
-    model_s, model_r = model["s2"], model["r"]  # (n, H, S), (n, H): model terminals ignored, as in the simulator's
+    model_s, model_r = model["s_next"], model["r"]  # (n, H, S), (n, H): model terminals ignored, as the simulator's
     state_err = ((model_s - normalizer(torch.as_tensor(sim_s, device=device))) ** 2).mean(-1)  # (n, H)
     full = torch.as_tensor(sim_alive[:, -1], device=device)
     reward_err = model_r[:, 0] - torch.as_tensor(sim_r[:, 0], device=device)
@@ -1007,6 +940,356 @@ def simulator_errors(wm: WorldModel, pi, normalizer: Normalizer, env, obs: np.nd
             "sim_states": n}
 
 
+def evaluate_and_checkpoint(run: Run, step: int) -> None:
+    """Every --eval-every steps: real-simulator returns, the world model's diagnostics, a row of metrics.csv, and
+    the checkpoint."""
+    args, log = run.args, run.log
+    returns = evaluate(run.agent.actor, run.normalizer, run.envs, seed=10_000 + args.seed * 1000)
+    scores = normalized_score(returns, run.refs["random"], run.refs["expert"])
+    row = {"step": step, "return": returns.mean(), "return_std": returns.std(), "normalized_score": scores.mean(),
+           "normalized_score_std": scores.std(), "train_steps_per_second": log.steps_per_second(),
+           "wall_seconds": time.perf_counter() - log.t_start}
+    if run.wm is not None:
+        b = run.D.sample(args.diag_samples)
+        r_max = run.D.data["r"][: run.D.size].abs().max().item()
+        row.update(return_gap_diagnostics(run.wm, run.agent.actor, run.pi_D, b, args.gamma, r_max,
+                                          args.is_max_weight, args.is_self_normalize))
+        row.update(simulator_errors(run.wm, run.agent.actor, run.normalizer, run.envs[0],
+                                    run.normalizer.inverse(b["s"]).cpu().numpy(), args.horizon,
+                                    ENVS[args.env].clips_velocity))
+    log.record(row)
+    write_csv(run.dir / "metrics.csv", METRICS + DIAGNOSTICS, log.history)
+    log.counts["checkpoints"] += 1
+    save_checkpoint(run.dir / "checkpoint.pt", step, run)
+    log.progress.restart(step)  # keep evaluation time out of the windowed speed
+
+
+def write_summary(run: Run) -> dict:
+    """summary.json: the final evaluation, the mean score of the last 3, speed, counts and the arguments."""
+    args, log = run.args, run.log
+    final = log.history[-1]
+    summary = {
+        "env": args.env, "dataset": args.dataset, "agent": args.agent, "seed": args.seed,
+        "mode": "none" if not args.world_model else ("adept" if args.importance_sampling else "diff"),
+        "total_steps": args.total_steps, "normalized_score": final["normalized_score"],
+        "normalized_score_std": final["normalized_score_std"],
+        "normalized_score_last3": float(np.mean([h["normalized_score"] for h in log.history[-3:]])),
+        "return": final["return"], "return_std": final["return_std"], "reference_returns": run.refs,
+        "train_steps_per_second": log.steps_per_second(),
+        "rollout_transitions_per_second": log.rolled / log.rollout_seconds if log.rollout_seconds else None,
+        "wall_seconds": time.perf_counter() - log.t_start, "device": str(run.device), "counts": log.counts,
+        **{k: final.get(k) for k in DIAGNOSTICS}, "args": dataclasses.asdict(args),
+    }
+    atomic_write(run.dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    print(f"final normalized score {summary['normalized_score']:.1f} +- {summary['normalized_score_std']:.1f} "
+          f"(mean of last 3 evaluations {summary['normalized_score_last3']:.1f}); wrote {run.dir / 'summary.json'}")
+    return summary
+
+
+# ==================================================================================================================
+# 10. Datasets and caches. Several runs share the dataset, its flat copy and the pretrained world model, and may
+#     start at once or be killed at any moment: one process builds a shared file while the others wait on its lock,
+#     and every file appears complete or not at all (it is written elsewhere, then renamed into place).
+# ==================================================================================================================
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on `path` for the block; other processes wait. The OS drops it if the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def atomic_write(path: Path, write: Callable) -> None:
+    """write(f) into a temporary file of a unique name beside `path`, then rename it to `path`: readers see the old
+    file or the whole new one, never a part, and concurrent writers never share a temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_csv(path: Path, columns, rows: list[dict]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, restval="", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def dataset_id(env: str, dataset: str, size: int) -> str:
+    # Locally built data lives in our own namespace, never in Minari's official `mujoco/` one.
+    return f"adept/{env}/random-{size}-v0" if dataset == "random" else f"mujoco/{env}/{dataset}-v0"
+
+
+@contextlib.contextmanager
+def minari_store(path: Path):
+    """Point Minari at another store folder for the block (it reads MINARI_DATASETS_PATH at every call)."""
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def into_store(ds_id: str, make: Callable[[], object]) -> None:
+    """Run make() (a build or a download of ds_id) in a fresh hidden store folder, then move the finished dataset
+    into the real store with one rename. Minari writes the dataset id into its metadata, so the dataset is made under
+    its own id in a temporary store rather than under a temporary id. A process killed inside make() leaves only
+    the hidden folder, which the next builder (holding the dataset's lock) removes."""
+    store = minari.storage.get_dataset_path()
+    prefix = f".build-{ds_id.replace('/', '__')}-"
+    for stale in store.glob(prefix + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=store, prefix=prefix))
+    try:
+        with minari_store(tmp):
+            make()
+        parts = ds_id.split("/")
+        for depth in range(1, len(parts)):  # namespace metadata files, so that Minari lists the namespace
+            ns = "/".join(parts[:depth])
+            meta = tmp / ns / "namespace_metadata.json"
+            if meta.exists() and not (store / ns / meta.name).exists():
+                (store / ns).mkdir(parents=True, exist_ok=True)
+                os.replace(meta, store / ns / meta.name)
+        (store / ds_id).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp / ds_id, store / ds_id)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def collect_random_episodes(env: str, size: int, name: str) -> list:
+    """D4RL's recipe for random data: a uniform random policy in the real simulator, `size` transitions."""
+    from minari.data_collector import EpisodeBuffer
+
+    sim = gym.make(ENVS[env].gym_id)
+    sim.action_space.seed(DATA_SEED)
+    obs, _ = sim.reset(seed=DATA_SEED)
+    episodes, ep = [], {"obs": [obs], "act": [], "rew": [], "term": [], "trunc": []}  # Minari's episode fields
+    progress = Progress(f"collect {name}", size, max(1, size // 10))
+    for t in range(1, size + 1):
+        action = sim.action_space.sample()
+        obs, reward, terminated, truncated, _ = sim.step(action)
+        truncated = truncated or (t == size and not terminated)  # the last, cut episode must bootstrap
+        for key, value in zip(ep, (obs, action, reward, terminated, truncated)):
+            ep[key].append(value)
+        if terminated or truncated:
+            episodes.append(EpisodeBuffer(
+                id=len(episodes), observations=np.array(ep["obs"]), actions=np.array(ep["act"]),
+                rewards=ep["rew"], terminations=ep["term"], truncations=ep["trunc"]))
+            obs, _ = sim.reset()
+            ep = {"obs": [obs], "act": [], "rew": [], "term": [], "trunc": []}
+        progress.update(t)
+    return episodes
+
+
+def build_random_dataset(env: str, size: int, ds_id: str) -> None:
+    """The locally built `random` dataset, stored as a Minari dataset with D4RL's reference returns."""
+    info = ENVS[env]
+    episodes = collect_random_episodes(env, size, ds_id)
+    print(f"writing {len(episodes)} episodes of {ds_id} to the Minari store", flush=True)
+    with warnings.catch_warnings():  # Minari nags about optional metadata (author e-mail, code link)
+        warnings.simplefilter("ignore", UserWarning)
+        minari.create_dataset_from_buffers(
+            ds_id, episodes, env=info.gym_id, eval_env=info.gym_id, algorithm_name="uniform random policy",
+            author="adept.py", ref_min_score=info.ref_random, ref_max_score=info.ref_expert, data_format="hdf5",
+            description=f"{size} transitions of a uniform random policy in {info.gym_id} (seed {DATA_SEED}), as "
+                        "D4RL's random datasets; reference scores are D4RL's.")
+
+
+def flatten(episodes) -> dict[str, np.ndarray]:
+    """Episodes (Minari's EpisodeData) -> transition arrays s[t], a[t], r[t], s_next[t] = s[t+1], with terminations
+    (`terminal`) and truncations (`timeout`) kept apart (a truncated step must still bootstrap)."""
+    episodes = list(episodes)
+    data = {
+        "s": np.concatenate([e.observations[:-1] for e in episodes]),
+        "a": np.concatenate([e.actions for e in episodes]),
+        "r": np.concatenate([e.rewards for e in episodes]),
+        "s_next": np.concatenate([e.observations[1:] for e in episodes]),
+        "terminal": np.concatenate([e.terminations for e in episodes]),
+        "timeout": np.concatenate([e.truncations for e in episodes]),
+    }
+    return {k: v.astype(np.float32) for k, v in data.items()}
+
+
+FLAT_FORMAT = 2  # version of transitions.npz; bump when its keys or contents change
+
+
+def read_dataset(ds_id: str, path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The dataset's transitions and metadata. Reading 45k small HDF5 episode groups takes ~25 s, so a flat copy of
+    the transitions sits beside Minari's files, stamped with their sizes and times: a changed file invalidates it."""
+    ds = minari.load_dataset(ds_id)
+    files = sorted((path / "data").iterdir())
+    stamp = json.dumps([FLAT_FORMAT] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    flat = path / "transitions.npz"
+    if flat.exists():
+        with np.load(flat) as z:
+            if str(z["stamp"]) == stamp:
+                return {k: z[k] for k in z.files if k != "stamp"}, ds.storage.metadata
+    data = flatten(ds.iterate_episodes())
+    atomic_write(flat, lambda f: np.savez(f, stamp=stamp, **data))
+    return data, ds.storage.metadata
+
+
+def load_transitions(args: Args) -> tuple[dict[str, np.ndarray], dict]:
+    """The dataset as flat transition arrays (the vocabulary of section 2, plus `timeout`), and its reference returns
+    (random, expert) for normalized scores with their source. A missing local dataset is built, a missing official one
+    downloaded; a local one that cannot be read (a build cut short by an older version) is rebuilt."""
+    ds_id = dataset_id(args.env, args.dataset, args.dataset_size)
+    path = minari.storage.get_dataset_path(ds_id)
+    local = args.dataset == "random"
+    t0 = time.perf_counter()
+    with file_lock(minari.storage.get_dataset_path() / ".locks" / f"{ds_id.replace('/', '__')}.lock"):
+        for attempt in (1, 2):
+            if not (path / "data").exists():
+                if local:
+                    into_store(ds_id, lambda: build_random_dataset(args.env, args.dataset_size, ds_id))
+                else:
+                    try:  # Minari's download needs its `hf` extra and the network; offline it fails after ~20 s
+                        into_store(ds_id, lambda: minari.download_dataset(ds_id))
+                    except Exception as e:
+                        raise UserError(
+                            f"dataset {ds_id} is not in the local Minari store ({path.parent}, set by "
+                            f"MINARI_DATASETS_PATH) and could not be downloaded ({type(e).__name__}). Download it where "
+                            "there is network, or use --dataset random, which is built locally and works offline.") \
+                            from None
+            try:
+                data, meta = read_dataset(ds_id, path)
+                break
+            except Exception as e:
+                problem = f"dataset {ds_id} at {path} is unreadable ({type(e).__name__}: {e})"
+                if not local or attempt == 2:
+                    raise UserError(f"{problem}; delete that folder to download it again" if not local else problem) \
+                        from None
+                print(f"{problem}; building it again", flush=True)
+                shutil.rmtree(path)
+    if not len(data["s"]):
+        raise UserError(f"dataset {ds_id} at {path} holds no transitions")
+    refs = {"random": meta.get("ref_min_score"), "expert": meta.get("ref_max_score"), "source": "dataset metadata"}
+    if refs["random"] is None or refs["expert"] is None:  # some official sets lack them (Minari issue #323)
+        refs = {"random": ENVS[args.env].ref_random, "expert": ENVS[args.env].ref_expert, "source": "D4RL"}
+    refs["random"], refs["expert"] = float(refs["random"]), float(refs["expert"])
+    print(f"dataset {ds_id}: {meta.get('total_episodes')} episodes, {len(data['s'])} transitions, loaded in "
+          f"{time.perf_counter() - t0:.1f} s; reference returns random {refs['random']:.6g} / expert "
+          f"{refs['expert']:.6g} (from {refs['source']})", flush=True)
+    return data, refs
+
+
+WORLD_MODEL_FORMAT = 2  # version of the pretrained world-model cache; bump when WorldModel's or BC's code changes
+RUN_ONLY = {  # Args fields that act only after pretraining: the cache key holds every other field
+    "agent", "cuda", "threads", "output_dir", "run_name", "resume", "total_steps", "gamma", "tau", "iql_expectile",
+    "iql_temperature", "eval_every", "eval_episodes", "log_every", "world_model", "importance_sampling",
+    "guidance_weight", "horizon", "rollout_every", "rollout_batch_size", "model_buffer_size", "model_ratio",
+    "is_batch_size", "iwu_every", "is_max_weight", "is_self_normalize", "diag_samples"}
+
+
+def world_model_cache_path(args: Args) -> tuple[Path, dict]:
+    """Where the pretrained world model of these settings is cached, and the settings. The key covers every field
+    of Args but those in RUN_ONLY (a new field is in the key unless it is listed there: a needless retraining is
+    safer than a wrong model), plus the cache's format version."""
+    settings = {"format": WORLD_MODEL_FORMAT,
+                **{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name not in RUN_ONLY}}
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(args.output_dir) / "world_models" / f"{args.env}-{args.dataset}-s{args.seed}-{key}.pt", settings
+
+
+def pretrained_world_model(args: Args, D: Buffer, s_dim: int, a_dim: int, device):
+    """The world model, its optimizer and pi_D after pretraining: from the cache, or trained (then cached). Runs that
+    share the settings (a rerun, the ablations of a seed) share the file; one trains it while the others wait.
+    -> wm, wm_opt, pi_D (a Policy), pretraining steps run here (0 on a cache hit)"""
+    path, settings = world_model_cache_path(args)
+    wm = WorldModel(s_dim, a_dim, args.model_hidden, args.model_depth, args.denoising_steps, args.cosine_s,
+                    args.guidance_weight, args.cond_drop_prob).to(device)
+    wm.set_ranges(D.data["s_next"][: D.size], D.data["r"][: D.size])
+    wm_opt = adam(wm.parameters(), args.lr)
+    pi_D = BC(s_dim, a_dim, args, device)
+    with file_lock(path.with_suffix(".lock")):
+        if path.exists():
+            fresh = copy.deepcopy((wm.state_dict(), wm_opt.state_dict(), pi_D.state_dict()))
+            try:
+                ck = torch.load(path, map_location="cpu", weights_only=False)
+                wm.load_state_dict(ck["wm"]), wm_opt.load_state_dict(ck["wm_opt"]), pi_D.load_state_dict(ck["pi_D"])
+                print(f"loaded pretrained world model and pi_D from {path}", flush=True)
+                return wm, wm_opt, pi_D.actor, 0
+            except Exception as e:  # cut short, or made by other code: start again from the fresh networks
+                print(f"cached world model {path} does not load ({type(e).__name__}); training it again", flush=True)
+                wm.load_state_dict(fresh[0]), wm_opt.load_state_dict(fresh[1]), pi_D.load_state_dict(fresh[2])
+        pretrain(args, D, wm, wm_opt, pi_D)
+        ck = {"wm": wm.state_dict(), "wm_opt": wm_opt.state_dict(), "pi_D": pi_D.state_dict(), "settings": settings}
+        atomic_write(path, lambda f: torch.save(ck, f))
+    print(f"saved pretrained world model to {path}", flush=True)
+    return wm, wm_opt, pi_D.actor, args.world_model_steps
+
+
+# ==================================================================================================================
+# 11. Progress and checkpoint I/O
+# ==================================================================================================================
+class Progress:
+    """Prints `[name] step/total | rate/s | ETA | values` every `every` steps; the rate is windowed."""
+
+    def __init__(self, name: str, total: int, every: int, start: int = 0):
+        self.name, self.total, self.every = name, total, max(1, every)
+        self.restart(start)
+
+    def restart(self, step: int) -> None:  # begin a new window (after a pause such as an evaluation)
+        self.last_step, self.last_time = step, time.perf_counter()
+
+    def update(self, step: int, values: dict | None = None) -> None:
+        if step % self.every and step != self.total:
+            return
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        extra = " ".join(f"{k} {float(v):.3g}" for k, v in (values or {}).items())
+        print(f"[{self.name}] {step}/{self.total} | {rate:.0f}/s | ETA {eta / 60:.1f} min | {extra}", flush=True)
+        self.restart(step)
+
+
+def rng_state() -> dict:
+    """Every generator a run draws from: torch's CPU generator, each CUDA device's, and numpy's."""
+    return {"cpu": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"].cpu())  # set_rng_state takes a CPU ByteTensor only
+    np.random.set_state(state["numpy"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def save_checkpoint(path: Path, step: int, run: Run) -> None:
+    state = {"step": step, **run.state_dict()}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path, run: Run) -> int:
+    """Restore a run from its checkpoint. Everything is read onto the CPU first (the generator states must stay
+    there) and load_state_dict moves each tensor to the device of the tensor it replaces. -> the checkpoint's step"""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"--resume: checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    run.load_state_dict(ck)
+    print(f"resumed from {path} at step {ck['step']}", flush=True)
+    return ck["step"]
+
+
+# ==================================================================================================================
+# 12. Command-line entry
+# ==================================================================================================================
 if __name__ == "__main__":
     cli_args = tyro.cli(Args)
     try:

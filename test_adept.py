@@ -100,29 +100,40 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path, data):
         adept.main(tiny(tmp_path, resume=True, world_model=False))
 
 
-def test_corrupt_dataset_is_a_user_error(tmp_path, monkeypatch):
+def test_a_corrupt_local_dataset_is_rebuilt(tmp_path, monkeypatch, capsys):
+    """Local data is derived: a folder that cannot be read (a build cut short by an older version) is rebuilt."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     args = Args(dataset_size=200)
-    adept.load_transitions(args)
+    first, _ = adept.load_transitions(args)
     (tmp_path / "adept/hopper/random-200-v0/data/main_data.hdf5").write_bytes(b"not an hdf5 file")
-    with pytest.raises(adept.UserError, match="unreadable"):
-        adept.load_transitions(args)
+    again, _ = adept.load_transitions(args)
+    assert "unreadable" in capsys.readouterr().out
+    for k in first:
+        np.testing.assert_array_equal(first[k], again[k])
+
+
+def test_a_corrupt_official_dataset_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    make_official_dataset("mujoco/hopper/medium-v0", refs=(-20.0, 3000.0))
+    (tmp_path / "mujoco/hopper/medium-v0/data/main_data.hdf5").write_bytes(b"not an hdf5 file")
+    with pytest.raises(adept.UserError, match="unreadable.*download it again"):
+        adept.load_transitions(Args(dataset="medium"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------
 def test_random_dataset_is_built_in_minari_and_reloaded(data, minari_store):
-    d, ref_min, ref_max = data
-    assert (ref_min, ref_max) == (-20.272305, 3234.3)  # D4RL's hopper references, from the dataset's metadata
+    d, refs = data
+    assert refs == {"random": -20.272305, "expert": 3234.3, "source": "dataset metadata"}  # D4RL's, in the metadata
     assert (minari_store / "adept/hopper/random-1000-v0/data").is_dir()
-    assert d["obs"].shape == (SIZE, 11) and d["act"].shape == (SIZE, 3) and d["rew"].shape == (SIZE,)
-    assert np.abs(d["act"]).max() <= 1.0 and d["act"].std() > 0.5  # uniform in [-1, 1]: std 0.577
+    assert d["s"].shape == (SIZE, 11) and d["a"].shape == (SIZE, 3) and d["r"].shape == (SIZE,)
+    assert np.abs(d["a"]).max() <= 1.0 and d["a"].std() > 0.5  # uniform in [-1, 1]: std 0.577
     # transitions chain inside episodes; terminations and truncations are kept apart
     ends = (d["terminal"] + d["timeout"]) > 0
-    np.testing.assert_array_equal(d["next_obs"][:-1][~ends[:-1]], d["obs"][1:][~ends[:-1]])
+    np.testing.assert_array_equal(d["s_next"][:-1][~ends[:-1]], d["s"][1:][~ends[:-1]])
     assert d["terminal"].sum() > 10 and d["timeout"][-1] == 1 and not (d["terminal"] * d["timeout"]).any()
-    again, _, _ = adept.load_transitions(Args(dataset_size=SIZE))  # from disk, not rebuilt
+    again, _ = adept.load_transitions(Args(dataset_size=SIZE))  # from disk, not rebuilt
     for k in d:
         np.testing.assert_array_equal(d[k], again[k])
 
@@ -130,20 +141,20 @@ def test_random_dataset_is_built_in_minari_and_reloaded(data, minari_store):
 def test_dataset_matches_the_simulator(data):
     """set_state with an observation's joint positions and velocities, then the dataset's action, reproduces the
     dataset's next observation and reward: the basis of the simulator check of the world model."""
-    d, _, _ = data
+    d, _ = data
     env = gym.make("Hopper-v5")
     sim = env.unwrapped
-    ok = np.flatnonzero((np.abs(d["obs"][:, 5:]).max(1) < 9.9) & (np.abs(d["next_obs"][:, 5:]).max(1) < 9.9))[:50]
+    ok = np.flatnonzero((np.abs(d["s"][:, 5:]).max(1) < 9.9) & (np.abs(d["s_next"][:, 5:]).max(1) < 9.9))[:50]
     for i in ok:
         env.reset(seed=0)
-        sim.set_state(np.concatenate([[0.0], d["obs"][i, :5]]), d["obs"][i, 5:])
-        obs, r, *_ = env.step(d["act"][i])
-        np.testing.assert_allclose(obs, d["next_obs"][i], atol=1e-4)
-        assert abs(r - d["rew"][i]) < 1e-4
+        sim.set_state(np.concatenate([[0.0], d["s"][i, :5]]), d["s"][i, 5:])
+        obs, r, *_ = env.step(d["a"][i])
+        np.testing.assert_allclose(obs, d["s_next"][i], atol=1e-4)
+        assert abs(r - d["r"][i]) < 1e-4
 
 
 def test_normalizer_round_trip(data):
-    obs = torch.as_tensor(data[0]["obs"])
+    obs = torch.as_tensor(data[0]["s"])
     norm = adept.Normalizer(obs.mean(0), obs.std(0))
     z = norm(obs)
     assert torch.allclose(z.mean(0), torch.zeros(11), atol=1e-4)
@@ -275,7 +286,7 @@ def toy_model():
     s, a = torch.randn(n, 2), torch.rand(n, 1) * 2 - 1
     s2 = s @ A_TOY.T + a @ B_TOY.T + SIGMA_TOY * torch.randn(n, 2)
     D = adept.Buffer(n, 2, 1, torch.device("cpu"))
-    D.add({"s": s, "a": a, "r": s2[:, 0], "s2": s2, "d": torch.zeros(n)})
+    D.add({"s": s, "a": a, "r": s2[:, 0], "s_next": s2, "terminal": torch.zeros(n)})
     wm = adept.WorldModel(2, 1, hidden=128, depth=3, K=10, guidance_weight=0.1, cond_drop_prob=0.1)
     wm.set_ranges(s2, s2[:, 0])
     opt = torch.optim.Adam(wm.parameters(), lr=1e-3)
@@ -301,18 +312,18 @@ def test_toy_conditional_samples_match_the_true_conditional(toy_model):
 def test_toy_unconditional_branch_ignores_the_condition(toy_model):
     x, k = torch.randn(64, 2), torch.randint(1, 11, (64,))
     null = torch.zeros(64, 1)
-    e1 = toy_model.eps(x, k, torch.randn(64, 3), null)
-    e2 = toy_model.eps(x, k, torch.randn(64, 3), null)
+    e1 = toy_model.eps_theta(x, k, torch.randn(64, 3), null)
+    e2 = toy_model.eps_theta(x, k, torch.randn(64, 3), null)
     assert torch.equal(e1, e2)
     # sampling with omega = 0 (w = -1, only the null branch) gives the marginal, whatever the condition
-    toy_model.w = -1.0
+    toy_model.guidance_weight = -1.0
     try:
         torch.manual_seed(2)
         x1 = toy_model.sample(torch.full((4000, 2), 1.5), torch.ones(4000, 1))
         torch.manual_seed(2)
         x2 = toy_model.sample(torch.full((4000, 2), -1.5), -torch.ones(4000, 1))
     finally:
-        toy_model.w = 0.1
+        toy_model.guidance_weight = 0.1
     assert torch.equal(x1, x2)
     assert (x1.std(0) > 2 * SIGMA_TOY).all()  # the marginal of s' spreads about 1, far wider than a conditional
 
@@ -345,19 +356,19 @@ def test_importance_weights():
 
 
 def _mu_std(pi, s):
-    mu, log_std = pi.params(s)
+    mu, log_std = pi.mean_log_std(s)
     return mu, log_std.exp()
 
 
 def test_weighted_world_model_loss_is_the_mean_of_w_times_l(data):
-    d, _, _ = data
+    d, _ = data
     torch.manual_seed(0)
-    norm = adept.Normalizer(d["obs"].mean(0), d["obs"].std(0))
+    norm = adept.Normalizer(d["s"].mean(0), d["s"].std(0))
     D = adept.dataset_buffer(d, norm, torch.device("cpu"))
     wm = adept.WorldModel(11, 3, hidden=32)
     b, w = D.sample(64), torch.rand(64) * 3
     torch.manual_seed(5)
-    l = wm.loss_per_sample(b["s"], b["a"], b["r"], b["d"], b["s2"]).detach()
+    l = wm.loss_per_sample(b["s"], b["a"], b["r"], b["terminal"], b["s_next"]).detach()
     torch.manual_seed(5)
     loss = adept.world_model_update(wm, torch.optim.SGD(wm.parameters(), lr=0.0), b, w)
     assert loss.item() == pytest.approx((w * l).mean().item(), rel=1e-5)
@@ -373,12 +384,12 @@ def test_rollouts_have_the_right_shapes_respect_clipping_and_stop_at_terminals()
     with torch.no_grad():
         head.weight.zero_(), head.bias.copy_(torch.tensor([5.0, -100.0]))  # reward 5 (above the range), never done
     out = adept.rollout(wm, pi, s0, horizon=6)
-    assert out["s"].shape == (32, 6, 4) and out["a"].shape == (32, 6, 2) and out["s2"].shape == (32, 6, 4)
-    assert out["r"].shape == (32, 6) and out["d"].shape == (32, 6) and out["valid"].shape == (32, 6)
+    assert out["s"].shape == (32, 6, 4) and out["a"].shape == (32, 6, 2) and out["s_next"].shape == (32, 6, 4)
+    assert out["r"].shape == (32, 6) and out["terminal"].shape == (32, 6) and out["valid"].shape == (32, 6)
     assert out["valid"].all()
-    assert (out["s2"] >= wm.s_lo).all() and (out["s2"] <= wm.s_hi).all() and (out["s2"] == wm.s_hi).any()
+    assert (out["s_next"] >= wm.s_lo).all() and (out["s_next"] <= wm.s_hi).all() and (out["s_next"] == wm.s_hi).any()
     assert torch.equal(out["r"], torch.full((32, 6), 2.0))  # clipped to the data's reward range
-    assert torch.equal(out["s"][:, 0], s0) and torch.equal(out["s"][:, 1:], out["s2"][:, :-1])  # states chain
+    assert torch.equal(out["s"][:, 0], s0) and torch.equal(out["s"][:, 1:], out["s_next"][:, :-1])  # states chain
     with torch.no_grad():
         head.bias.copy_(torch.tensor([0.0, 100.0]))  # terminal at once
     out = adept.rollout(wm, pi, s0, horizon=6)
@@ -402,7 +413,7 @@ def test_adept_closed_loop_runs_every_phase(tmp_path, data, agent):
     ck = torch.load(run / "checkpoint.pt", weights_only=False)
     assert ck["D_hat"]["size"] == c["model_transitions"]
     pre = torch.load(next((tmp_path / "world_models").glob("*.pt")), weights_only=False)["wm"]
-    assert not torch.equal(ck["wm"]["eps_net.0.weight"], pre["eps_net.0.weight"])  # IWU moved the model
+    assert not torch.equal(ck["wm"]["noise_net.0.weight"], pre["noise_net.0.weight"])  # IWU moved the model
 
 
 def test_no_importance_sampling_reuses_the_cached_model_and_never_adapts_it(tmp_path, data):
