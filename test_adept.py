@@ -9,7 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dataclasses
+import typing
+import warnings
+
 import gymnasium as gym
+import minari
 import numpy as np
 import pytest
 import torch
@@ -21,6 +26,7 @@ from adept import Args  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SIZE = 1000  # transitions of the tiny random dataset the tests share
+CUDA = os.environ.get("ADEPT_TEST_CUDA") == "1"  # the GPU check (bench/gpu_check.sh) runs the end-to-end tests on CUDA
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,7 +45,7 @@ def data(minari_store):
 def tiny(tmp_path, **kw) -> Args:
     """Every phase of a run, at a size that takes seconds."""
     base = dict(dataset_size=SIZE, total_steps=40, eval_every=20, eval_episodes=2, log_every=20, batch_size=32,
-                hidden=32, cuda=False, output_dir=str(tmp_path), world_model_steps=50, behavior_steps=20,
+                hidden=32, cuda=CUDA, output_dir=str(tmp_path), world_model_steps=50, behavior_steps=20,
                 model_hidden=32, is_batch_size=64, rollout_every=10, rollout_batch_size=8, model_buffer_size=1000,
                 diag_samples=16)
     return Args(**{**base, **kw})
@@ -434,3 +440,149 @@ def test_a_corrupt_world_model_cache_is_retrained(tmp_path, data):
     s = adept.main(tiny(tmp_path, total_steps=20, importance_sampling=False))
     assert s["counts"]["world_model_pretrain_steps"] == 50
     assert torch.load(cache, weights_only=False)["settings"]["world_model_steps"] == 50  # rewritten whole
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Minari's official datasets: everything but the download
+# ---------------------------------------------------------------------------------------------------------------
+def make_official_dataset(ds_id: str, refs: tuple[float, float] | None, size: int = 300) -> None:
+    """A dataset under an official Minari id in the current store, with the metadata Minari's official MuJoCo sets
+    carry (algorithm, author, code link, eval env, requirements, and the reference scores unless refs is None)."""
+    episodes = adept.collect_random_episodes("hopper", size, ds_id)
+    scores = {"ref_min_score": refs[0], "ref_max_score": refs[1]} if refs else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        minari.create_dataset_from_buffers(
+            ds_id, episodes, env="Hopper-v5", eval_env="Hopper-v5", algorithm_name="SAC", author="Farama",
+            author_email="contact@farama.org", description="a stand-in for Minari's official set",
+            code_permalink="https://github.com/Farama-Foundation/minari-dataset-generation-scripts",
+            requirements=["mujoco>=3.1.1"], data_format="hdf5", **scores)
+
+
+def test_official_dataset_loads_end_to_end_with_its_reference_scores(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
+    make_official_dataset("mujoco/hopper/medium-v0", refs=(-19.5, 3100.0))
+    s = adept.main(tiny(tmp_path, dataset="medium", total_steps=20))
+    assert s["reference_returns"] == {"random": -19.5, "expert": 3100.0, "source": "dataset metadata"}
+    assert s["normalized_score"] == pytest.approx(100 * (s["return"] + 19.5) / (3100.0 + 19.5))
+    assert s["counts"]["world_model_pretrain_steps"] == 50 and s["counts"]["iwu_updates"] == 20
+    assert (tmp_path / "store/mujoco/hopper/medium-v0/transitions.npz").exists()
+
+
+def test_official_dataset_without_reference_scores_falls_back_to_d4rl(tmp_path, monkeypatch):
+    """Minari issue #323: some official sets lack the reference scores; D4RL's are used and the summary says so."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
+    make_official_dataset("mujoco/hopper/medium-v0", refs=None)
+    adept.main(tiny(tmp_path, dataset="medium", world_model=False, total_steps=20))
+    summary = json.loads((tmp_path / "hopper-medium-sac-s0/summary.json").read_text())
+    assert summary["reference_returns"] == {"random": -20.272305, "expert": 3234.3, "source": "D4RL"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared files under concurrency and interruption; explicit state; the world-model cache key
+# ---------------------------------------------------------------------------------------------------------------
+BUILD_BOTH = """
+import hashlib, json, sys, torch
+import adept
+args = adept.Args(dataset_size=5000, output_dir=sys.argv[1], world_model_steps=200, behavior_steps=20, hidden=16,
+                  model_hidden=16, batch_size=16, world_model_batch_size=16, log_every=10**6, cuda=False)
+data, refs = adept.load_transitions(args)
+D = adept.dataset_buffer(data, adept.Normalizer(data["s"].mean(0), data["s"].std(0)), torch.device("cpu"))
+wm, _, pi_D, trained = adept.pretrained_world_model(args, D, 11, 3, torch.device("cpu"))
+digest = lambda arrays: hashlib.sha1(b"".join(a.tobytes() for a in arrays)).hexdigest()
+print("RESULT", json.dumps({"data": digest(data[k] for k in sorted(data)), "trained": trained,
+                            "wm": digest(v.numpy() for v in wm.state_dict().values())}))
+"""
+
+
+def test_two_runs_building_the_same_dataset_and_world_model_at_once_both_succeed(tmp_path):
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "store")}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_BOTH, str(tmp_path / "runs")], cwd=HERE, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    results = [json.loads(o.split("RESULT ")[1]) for o in outs]
+    assert results[0]["data"] == results[1]["data"] and results[0]["wm"] == results[1]["wm"]
+    assert sorted(r["trained"] for r in results) == [0, 200]  # one trained the model, the other waited and loaded
+    assert sum("writing" in o for o in outs) == 1  # and one built the dataset
+    assert not list((tmp_path / "store").glob(".build-*")) and not list((tmp_path / "runs").rglob("*.tmp"))
+
+
+def test_a_build_killed_midway_is_rebuilt_by_the_next_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    p = subprocess.Popen([sys.executable, "-u", "-c", "import adept; adept.load_transitions(adept.Args(dataset_size=50000))"],
+                         cwd=HERE, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if line.startswith("writing"):  # collected, now writing the Minari files: kill it there
+            p.kill()
+            break
+    p.wait(timeout=60)
+    assert p.returncode == -9
+    final = tmp_path / "adept/hopper/random-50000-v0"
+    assert not final.exists() and list(tmp_path.glob(".build-*"))  # only the hidden build folder is left
+    data, _ = adept.load_transitions(Args(dataset_size=50000))
+    assert len(data["s"]) == 50000 and (final / "data").is_dir() and not list(tmp_path.glob(".build-*"))
+    assert "writing" in capsys.readouterr().out  # rebuilt, not refused
+
+
+@pytest.mark.parametrize("name", ["sac", "iql", "bc"])
+def test_agent_state_lists_everything_that_trains(name):
+    agent = adept.AGENTS[name](4, 2, Args(hidden=16), torch.device("cpu"))
+    trains = {k for k, v in vars(agent).items()
+              if isinstance(v, (torch.nn.Module, torch.optim.Optimizer)) or torch.is_tensor(v)}
+    assert trains and trains <= set(agent.state), trains - set(agent.state)
+
+
+def test_a_number_in_agent_state_survives_a_checkpoint(tmp_path):
+    class CountingSAC(adept.SAC):  # what a fork adds: a counter (a TD3-style delay, say)
+        state = adept.SAC.state + ("updates",)
+
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.updates = 0
+
+    a = CountingSAC(4, 2, Args(hidden=16), torch.device("cpu"))
+    a.updates = 7
+    with torch.no_grad():
+        a.log_alpha.fill_(0.5)
+    torch.save(a.state_dict(), tmp_path / "agent.pt")
+    b = CountingSAC(4, 2, Args(hidden=16), torch.device("cpu"))
+    b.load_state_dict(torch.load(tmp_path / "agent.pt", weights_only=False))
+    assert b.updates == 7 and b.log_alpha.item() == 0.5
+    assert all(torch.equal(x, y) for x, y in zip(a.actor.parameters(), b.actor.parameters()))
+
+
+def _another_value(f: dataclasses.Field):
+    value = f.default
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    choices = typing.get_args(typing.get_type_hints(Args)[f.name])  # a Literal's values, or () for a plain str
+    return next((v for v in choices if v != value), value + "-other")
+
+
+def test_world_model_cache_key_covers_what_shapes_the_model_and_is_shared_by_the_arms(monkeypatch):
+    path, settings = adept.world_model_cache_path(Args())
+    assert settings["format"] == adept.WORLD_MODEL_FORMAT
+    for f in dataclasses.fields(Args):
+        other = adept.world_model_cache_path(Args(**{f.name: _another_value(f)}))[0]
+        assert (other.name == path.name) == (f.name in adept.RUN_ONLY), f.name  # the file name holds the key
+    for arm in ({"importance_sampling": False}, {"agent": "iql"}, {"agent": "bc"}, {"total_steps": 50_000}):
+        assert adept.world_model_cache_path(Args(**arm))[0] == path  # the ablations of a seed share the cache
+    monkeypatch.setattr(adept, "WORLD_MODEL_FORMAT", adept.WORLD_MODEL_FORMAT + 1)
+    assert adept.world_model_cache_path(Args())[0] != path  # a new format never loads an old file
+
+
+def test_a_cached_world_model_that_does_not_fit_is_retrained_as_on_a_miss(tmp_path, data, capsys):
+    clean = adept.main(tiny(tmp_path / "clean", total_steps=20))
+    adept.main(tiny(tmp_path, total_steps=20))
+    cache = next((tmp_path / "world_models").glob("*.pt"))
+    ck = torch.load(cache, weights_only=False)
+    ck["wm"]["noise_net.0.weight"] = torch.zeros(3, 3)  # a file of other code, with other shapes, under this key
+    torch.save(ck, cache)
+    capsys.readouterr()
+    again = adept.main(tiny(tmp_path, total_steps=20))
+    assert "does not load" in capsys.readouterr().out and again["counts"]["world_model_pretrain_steps"] == 50
+    # retrained from the fresh networks, so the run equals one that never had a cache (no half-loaded weights)
+    assert again["normalized_score"] == clean["normalized_score"] and again["eps_m"] == clean["eps_m"]
