@@ -114,6 +114,10 @@ class Args:
     """pretraining batch (Table 2 "train batchsize")"""
     behavior_steps: int = 100_000
     """BC steps that fit the behavior policy pi_D used in the importance weights"""
+    behavior_density: Literal["fitted", "uniform", "gaussian"] = "fitted"
+    """pi_D of Eq. 3: `fitted`, a Beta policy on the action box fitted by behavior cloning (it can represent the
+    uniform actions of random data); `uniform`, the exact density of the random data's generator (locally built
+    random datasets only); `gaussian`, the unbounded Gaussian of `--agent bc` (earlier versions' pi_D), to compare"""
     denoising_steps: int = 10
     """K, denoising steps of the DDPM (Table 2)"""
     cosine_s: float = 1e-4
@@ -145,6 +149,14 @@ class Args:
     """importance weights are truncated at this value (after self-normalization)"""
     is_self_normalize: bool = True
     """divide the weights by their batch mean (computed as a softmax in log space) before truncation"""
+    is_exponent: float = 1.0
+    """lambda, tempered weights w ~ (pi_phi/pi_D)^lambda: 1 is Eq. 3; 0 keeps training the model on D with w = 1
+    at the same schedule (the control for "more model training")"""
+    iwu_lr: float | None = None
+    """learning rate of the importance-sampled update (default: --lr)"""
+    is_resample_pool: int = 0
+    """0: off. N > 0: each IWU draws N dataset transitions, weighs them, and draws its B_m transitions from them
+    with replacement, in proportion to the (self-normalized, untruncated) weights; the loss weighs them equally"""
     diag_samples: int = 256
     """dataset states used for the return-gap diagnostics and the simulator check at each evaluation"""
 
@@ -171,10 +183,16 @@ class UserError(Exception):
 def check_args(args: Args) -> None:
     for f in dataclasses.fields(args):
         value = getattr(args, f.name)
-        if f.type in ("int", int) and f.name not in ("seed", "threads") and value <= 0:
+        if f.type in ("int", int) and f.name not in ("seed", "threads", "is_resample_pool") and value <= 0:
             raise UserError(f"--{f.name.replace('_', '-')} must be positive, got {value}")
-    if args.threads < 0:
-        raise UserError(f"--threads must be >= 0, got {args.threads}")
+    for name in ("threads", "is_resample_pool", "is_exponent"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.iwu_lr is not None and not args.iwu_lr > 0:
+        raise UserError(f"--iwu-lr must be positive, got {args.iwu_lr}")
+    if args.behavior_density == "uniform" and args.dataset != "random":
+        raise UserError("--behavior-density uniform is the exact density of the locally built random datasets' "
+                        f"uniform policy; --dataset {args.dataset} was collected by another policy: use fitted")
     for name in ("lr", "tau", "is_max_weight", "iql_temperature"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -203,7 +221,8 @@ class Normalizer(nn.Module):
 
 
 class Buffer:
-    """Transitions as preallocated tensors on the device: the dataset D, or the ring buffer D_hat of model data."""
+    """Transitions as preallocated tensors on the device: the dataset D, or the ring buffer D_hat of model data.
+    sample() returns every tensor in `data`: D also carries log pi_D(a|s) of its transitions (section 7)."""
 
     FIELDS = ("s", "a", "r", "s_next", "terminal")
 
@@ -219,8 +238,8 @@ class Buffer:
             self.data[k][idx] = batch[k]
         self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
 
-    def sample(self, n: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, self.size, (n,), device=self.data["s"].device)
+    def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, self.size, (n,), device=self.data["s"].device, generator=generator)
         return {k: v[idx] for k, v in self.data.items()}
 
     def state_dict(self) -> dict:
@@ -327,6 +346,48 @@ class TanhGaussianActor(GaussianHead):
 
     def act(self, s, deterministic: bool = False):
         return torch.tanh(self(s)[0]) if deterministic else self.sample(s)[0]
+
+
+class BetaActor(nn.Module):
+    """pi(a|s) = 2 Beta(alpha(s), beta(s)) - 1, alpha, beta = 1 + softplus(.), a Policy: the fitted behavior density
+    pi_D. Unlike a Gaussian it puts all its mass on the action box, and it can be (nearly) uniform, as random data's
+    actions are; alpha, beta >= 1 keep it unimodal and its density finite on the closed box."""
+
+    def __init__(self, s_dim: int, a_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(s_dim, 2 * a_dim, hidden)
+
+    def dist(self, s) -> torch.distributions.Beta:  # over x = (a + 1)/2 in [0, 1], (B, A)
+        return torch.distributions.Beta(*(1.0 + F.softplus(self.net(s))).chunk(2, -1))
+
+    def log_prob(self, s, a):
+        x = ((a + 1) / 2).clamp(1e-6, 1 - 1e-6)  # the Beta's log density is -inf or nan exactly at 0 and 1
+        return self.dist(s).log_prob(x).sum(-1) - a.shape[-1] * math.log(2.0)  # dx/da = 1/2 per dimension
+
+    def sample(self, s):
+        a = 2 * self.dist(s).rsample() - 1
+        return a, self.log_prob(s, a)
+
+    def act(self, s, deterministic: bool = False):
+        return 2 * self.dist(s).mean - 1 if deterministic else self.sample(s)[0]
+
+
+class UniformPolicy(nn.Module):
+    """The uniform density on [-1, 1]^A, a Policy: the exact pi_D of the locally built random datasets."""
+
+    def __init__(self, a_dim: int):
+        super().__init__()
+        self.a_dim = a_dim
+
+    def log_prob(self, s, a):
+        return torch.full(a.shape[:-1], -self.a_dim * math.log(2.0), device=a.device)
+
+    def sample(self, s):
+        a = torch.rand(s.shape[0], self.a_dim, device=s.device) * 2 - 1
+        return a, self.log_prob(s, a)
+
+    def act(self, s, deterministic: bool = False):
+        return torch.zeros(s.shape[0], self.a_dim, device=s.device) if deterministic else self.sample(s)[0]
 
 
 class TwinQ(nn.Module):
@@ -493,12 +554,13 @@ class IQL(Agent):
 
 
 class BC(Agent):
-    """Behavior cloning with a Gaussian policy; the same estimator gives pi_D for the importance weights."""
+    """Behavior cloning by maximum likelihood, of a Gaussian policy (`--agent bc`) or of another Policy: the
+    estimator of pi_D for the importance weights (Sec. 4.2)."""
 
     state = ("actor", "actor_opt")
 
-    def __init__(self, s_dim, a_dim, args: Args, device):
-        self.actor = GaussianActor(s_dim, a_dim, args.hidden).to(device)
+    def __init__(self, s_dim, a_dim, args: Args, device, policy: nn.Module | None = None):
+        self.actor = (policy or GaussianActor(s_dim, a_dim, args.hidden)).to(device)
         self.actor_opt = adam(self.actor.parameters(), args.lr)
 
     def update(self, b):
@@ -565,15 +627,15 @@ class WorldModel(nn.Module):
         r, d_logit = self.reward_net(torch.cat([s, a, s_next], -1)).unbind(-1)
         return r, d_logit
 
-    def loss_per_sample(self, s, a, r, terminal, s_next) -> torch.Tensor:
+    def loss_per_sample(self, s, a, r, terminal, s_next, generator: torch.Generator | None = None) -> torch.Tensor:
         """l_i of Algorithm 1 (IWU): ||eps - eps_theta(s_noise, (s, a), k)||^2 + (r - r_eta)^2, plus the terminal's
         cross-entropy. The eps error is averaged over state dimensions. -> (B,)"""
-        B = s.shape[0]
-        k = torch.randint(1, self.K + 1, (B,), device=s.device)           # k ~ Uniform{1..K}
-        noise = torch.randn_like(s_next)
+        B, dev, g = s.shape[0], s.device, generator
+        k = torch.randint(1, self.K + 1, (B,), device=dev, generator=g)   # k ~ Uniform{1..K}
+        noise = torch.randn(s_next.shape, device=dev, generator=g)
         ab = self.alpha_bar[k - 1].unsqueeze(-1)                           # (B, 1)
         x_k = ab.sqrt() * s_next + (1 - ab).sqrt() * noise                 # s_noise
-        has_cond = (torch.rand(B, 1, device=s.device) >= self.cond_drop_prob).float()  # classifier-free: drop (s, a)
+        has_cond = (torch.rand(B, 1, device=dev, generator=g) >= self.cond_drop_prob).float()  # drop (s, a)
         eps_loss = ((noise - self.eps_theta(x_k, k, torch.cat([s, a], -1), has_cond)) ** 2).mean(-1)
         r_pred, d_logit = self.reward_terminal_logits(s, a, s_next)
         terminal_loss = F.binary_cross_entropy_with_logits(d_logit, terminal, reduction="none")
@@ -612,23 +674,28 @@ def weighted_loss(l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w * l).mean()
 
 
-def world_model_update(wm: WorldModel, opt, b: dict[str, torch.Tensor], w: torch.Tensor | None = None):
+def world_model_update(wm: WorldModel, opt, b: dict[str, torch.Tensor], w: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None):
     """One gradient step on L(theta, eta) = 1/N sum_i w_i l_i (Eq. 3); w = None is pretraining (pi = pi_D, w = 1)."""
-    l = wm.loss_per_sample(b["s"], b["a"], b["r"], b["terminal"], b["s_next"])
+    l = wm.loss_per_sample(b["s"], b["a"], b["r"], b["terminal"], b["s_next"], generator)
     loss = l.mean() if w is None else weighted_loss(l, w)
     gradient_step(opt, loss)
     return loss.detach()
 
 
-def pretrain(args: Args, D: Buffer, wm: WorldModel, wm_opt, pi_D: BC) -> None:
-    """Algorithm 1's initialisation: fit pi_D by behavior cloning (Sec. 4.2), then the world model on D with unit
-    weights, IWU(pi_D, D, theta, eta). `pretrained_world_model` (section 10) caches the result on disk."""
-    progress = Progress("behavior policy pi_D", args.behavior_steps, args.log_every)
-    for step in range(1, args.behavior_steps + 1):
-        progress.update(step, pi_D.update(D.sample(args.batch_size)))
+def pretrain_world_model(args: Args, D: Buffer, wm: WorldModel, wm_opt) -> None:
+    """Algorithm 1's initialisation of the model on D with unit weights, IWU(pi_D, D, theta, eta): under pi_D itself
+    every weight of Eq. 3 is 1. `pretrained_world_model` (section 10) caches the result on disk."""
     progress = Progress("world model", args.world_model_steps, args.log_every)
     for step in range(1, args.world_model_steps + 1):
         progress.update(step, {"loss": world_model_update(wm, wm_opt, D.sample(args.world_model_batch_size))})
+
+
+def fit_behavior_policy(args: Args, D: Buffer, bc: BC) -> None:
+    """pi_D estimated from D by behavior cloning (Sec. 4.2). `behavior_policy` (section 10) caches it on disk."""
+    progress = Progress("behavior policy pi_D", args.behavior_steps, args.log_every)
+    for step in range(1, args.behavior_steps + 1):
+        progress.update(step, bc.update(D.sample(args.batch_size)))
 
 
 # ==================================================================================================================
@@ -675,14 +742,21 @@ def policy_batch(D: Buffer, D_hat: Buffer | None, n: int, model_ratio: float) ->
 # 7. Importance-sampled world-model update (Algorithm 1, IWU; Eq. 3)
 # ==================================================================================================================
 @torch.no_grad()
-def importance_weights(pi: Policy, pi_D: Policy, s, a, max_weight: float = 10.0,
-                       self_normalize: bool = True) -> torch.Tensor:
-    """w_i = pi_phi(a_i|s_i) / pi_D(a_i|s_i) (Eq. 3), computed in log space. (B, S), (B, A) -> (B,). The raw ratio of
-    two densities over a 3-6 dimensional action space spans many orders of magnitude, so by default it is
-    self-normalized (w / mean w, as a softmax of the log ratios, which also cancels any constant offset) and
-    truncated at max_weight."""
-    log_w = pi.log_prob(s, a) - pi_D.log_prob(s, a)
-    log_w = torch.nan_to_num(log_w, nan=0.0, posinf=50.0, neginf=-50.0)
+def log_behavior_density(pi_D: Policy, D: Buffer, chunk: int = 65536) -> torch.Tensor:
+    """log pi_D(a|s) of every transition of D, (N,). pi_D is fixed once fitted, so this is computed once, with the
+    dataset, rather than for every IWU batch."""
+    s, a = D.data["s"][: D.size], D.data["a"][: D.size]
+    return torch.cat([pi_D.log_prob(s[i: i + chunk], a[i: i + chunk]) for i in range(0, D.size, chunk)])
+
+
+@torch.no_grad()
+def importance_weights(log_pi: torch.Tensor, log_pi_D: torch.Tensor, max_weight: float = 10.0,
+                       self_normalize: bool = True, exponent: float = 1.0) -> torch.Tensor:
+    """w_i = (pi_phi(a_i|s_i) / pi_D(a_i|s_i))^lambda, Eq. 3 at lambda = `exponent` = 1, from the two log-densities:
+    (B,), (B,) -> (B,). lambda = 0 gives w = 1 (the control). The raw ratio of two densities over a 3-6 dimensional
+    action space spans many orders of magnitude, so by default it is self-normalized (w / mean w, as a softmax of
+    the log ratios, which also cancels any constant offset) and truncated at max_weight."""
+    log_w = exponent * torch.nan_to_num(log_pi - log_pi_D, nan=0.0, posinf=50.0, neginf=-50.0)
     if self_normalize:
         w = torch.softmax(log_w, 0) * len(log_w)
     else:
@@ -697,11 +771,22 @@ def effective_sample_size(w: torch.Tensor) -> torch.Tensor:
     return w.sum() ** 2 / (w**2).sum().clamp_min(1e-12) / len(w)
 
 
-def importance_sampled_update(wm: WorldModel, opt, pi: Policy, pi_D: Policy, b: dict[str, torch.Tensor],
-                              args: Args) -> torch.Tensor:
-    """IWU(pi_phi, D, theta, eta): weigh a batch b ~ D by Eq. 3, then one gradient step on the weighted loss."""
-    w = importance_weights(pi, pi_D, b["s"], b["a"], args.is_max_weight, args.is_self_normalize)
-    return world_model_update(wm, opt, b, w)
+def importance_sampled_update(wm: WorldModel, opt, pi: Policy, D: Buffer, args: Args,
+                              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """IWU(pi_phi, D, theta, eta): a batch of B_m transitions of D weighed by Eq. 3, then one gradient step on the
+    weighted loss. With --is-resample-pool N, the B_m transitions are drawn from a pool of N in proportion to their
+    weights instead, and weigh equally. Draws from its own generator, so that the policy's random stream does not
+    depend on it. -> the loss, and the effective sample size of the weights"""
+    if args.is_resample_pool:
+        pool = D.sample(args.is_resample_pool, generator)
+        w = importance_weights(pi.log_prob(pool["s"], pool["a"]), pool["log_pi_D"], math.inf, True, args.is_exponent)
+        idx = torch.multinomial(w, args.is_batch_size, replacement=True, generator=generator)  # (B_m,) ~ w
+        return world_model_update(wm, opt, {k: v[idx] for k, v in pool.items()}, None, generator), \
+            effective_sample_size(w)
+    b = D.sample(args.is_batch_size, generator)
+    w = importance_weights(pi.log_prob(b["s"], b["a"]), b["log_pi_D"], args.is_max_weight, args.is_self_normalize,
+                           args.is_exponent)
+    return world_model_update(wm, opt, b, w, generator), effective_sample_size(w)
 
 
 # ==================================================================================================================
@@ -725,6 +810,7 @@ class RunLog:
         self.t_start, self.total, self.log_every = time.perf_counter(), args.total_steps, args.log_every
         self.train_seconds, self.timed_steps = 0.0, 0
         self.rollout_seconds, self.rolled = 0.0, 0
+        self.ess = []  # effective sample sizes of the IWU batches since the last evaluation
 
     def start(self, step: int) -> None:
         self.progress = Progress("train", self.total, self.log_every, step)
@@ -747,6 +833,11 @@ class RunLog:
 
     def steps_per_second(self) -> float:
         return self.timed_steps / self.train_seconds if self.train_seconds else float("nan")
+
+    def mean_ess(self) -> float:
+        mean = torch.stack(self.ess).mean().item() if self.ess else float("nan")
+        self.ess = []
+        return mean
 
     def record(self, row: dict) -> None:
         self.history.append({k: int(v) if k in ("step", "sim_states") else float(v) for k, v in row.items()})
@@ -779,13 +870,14 @@ class Run:
     wm_opt: torch.optim.Optimizer | None = None
     pi_D: Policy | None = None
     D_hat: Buffer | None = None
+    iwu_generator: torch.Generator | None = None  # the IWU's own random stream
 
     def state_dict(self) -> dict:
         sd = {"agent": self.agent.state_dict(), **self.log.state_dict(), "normalizer": self.normalizer.state_dict(),
               "rng": rng_state(), "args": dataclasses.asdict(self.args)}
         if self.wm is not None:
             sd.update(wm=self.wm.state_dict(), wm_opt=self.wm_opt.state_dict(), pi_D=self.pi_D.state_dict(),
-                      D_hat=self.D_hat.state_dict())
+                      D_hat=self.D_hat.state_dict(), iwu_rng=self.iwu_generator.get_state())
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -794,6 +886,8 @@ class Run:
         if self.wm is not None:
             self.wm.load_state_dict(sd["wm"]), self.wm_opt.load_state_dict(sd["wm_opt"])
             self.pi_D.load_state_dict(sd["pi_D"]), self.D_hat.load_state_dict(sd["D_hat"])
+            self.iwu_generator.set_state(sd["iwu_rng"])
+            self.D.data["log_pi_D"] = log_behavior_density(self.pi_D, self.D)
         set_rng_state(sd["rng"])
 
 
@@ -817,10 +911,14 @@ def main(args: Args) -> dict:
     run = Run(args, run_dir, device, normalizer, D, agent, refs,
               [gym.make(ENVS[args.env].gym_id) for _ in range(args.eval_episodes)], RunLog(args))
     if args.world_model:  # Initialize M_{theta,eta} with D and pi_D: IWU(pi_D, D, theta, eta), cached on disk
-        run.wm, run.wm_opt, run.pi_D, run.log.counts["world_model_pretrain_steps"] = pretrained_world_model(
-            args, D, s_dim, a_dim, device)
+        run.wm, run.wm_opt, run.log.counts["world_model_pretrain_steps"] = pretrained_world_model(args, D, device)
+        run.pi_D = behavior_policy(args, D, device)
+        D.data["log_pi_D"] = log_behavior_density(run.pi_D, D)
         run.D_hat = Buffer(args.model_buffer_size, s_dim, a_dim, device)
-    wm, wm_opt, pi_D, D_hat, log = run.wm, run.wm_opt, run.pi_D, run.D_hat, run.log
+        run.iwu_generator = torch.Generator(device).manual_seed(seed_of(args.seed, "iwu"))
+        for group in run.wm_opt.param_groups:
+            group["lr"] = args.iwu_lr or args.lr
+    wm, wm_opt, D_hat, log = run.wm, run.wm_opt, run.D_hat, run.log
     adapt = args.world_model and args.importance_sampling
 
     start = load_checkpoint(run_dir / "checkpoint.pt", run) if args.resume else 0
@@ -834,9 +932,9 @@ def main(args: Args) -> dict:
         # Update phi with B ~ D U D_hat via the offline RL method
         losses = agent.update(policy_batch(D, D_hat, args.batch_size, args.model_ratio))
         if adapt and step % args.iwu_every == 0:  # IWU(pi_phi, D, theta, eta)
-            losses["wm_loss"] = importance_sampled_update(wm, wm_opt, agent.actor, pi_D, D.sample(args.is_batch_size),
-                                                          args)
+            losses["wm_loss"], ess = importance_sampled_update(wm, wm_opt, agent.actor, D, args, run.iwu_generator)
             log.counts["iwu_updates"] += 1
+            log.ess.append(ess)
         log.step_ends(step, losses)
         if step % args.eval_every == 0 or step == args.total_steps:
             evaluate_and_checkpoint(run, step)
@@ -853,10 +951,16 @@ def setup_torch(args: Args) -> torch.device:
 
 
 def run_name(args: Args) -> str:
+    """<env>-<dataset>-[adept-|diff-]<agent>[-<IWU settings that differ from the defaults>]-s<seed>"""
     if args.run_name:
         return args.run_name
-    mode = "" if not args.world_model else ("adept-" if args.importance_sampling else "diff-")
-    return f"{args.env}-{args.dataset}-{mode}{args.agent}-s{args.seed}"
+    mode, iwu = "" if not args.world_model else ("adept-" if args.importance_sampling else "diff-"), ""
+    if args.world_model and args.importance_sampling:
+        iwu += f"-{args.behavior_density}" if args.behavior_density != "fitted" else ""
+        iwu += f"-lambda{args.is_exponent:g}" if args.is_exponent != 1 else ""
+        iwu += f"-iwulr{args.iwu_lr:g}" if args.iwu_lr is not None else ""
+        iwu += f"-pool{args.is_resample_pool}" if args.is_resample_pool else ""
+    return f"{args.env}-{args.dataset}-{mode}{args.agent}{iwu}-s{args.seed}"
 
 
 # ==================================================================================================================
@@ -891,8 +995,9 @@ def return_gap_diagnostics(wm: WorldModel, pi: Policy, pi_D: Policy, b: dict, ga
     eps_r, eps_m: importance-weighted (i.e. under pi_phi, as Definitions 4.1-4.2 ask) mean squared errors of the
     model's reward and of its sampled next state (normalized units), the paper's practical proxy for the TV terms.
     eps_pi: TV(pi_phi, pi_D) = E_{a ~ pi_phi}[max(0, 1 - pi_D(a|s)/pi_phi(a|s))], averaged over dataset states (the
-    policy shift the proof's first and third terms bound; the max over states of Definition 4.3 is too noisy)."""
-    w = importance_weights(pi, pi_D, b["s"], b["a"], max_weight, self_normalize)
+    policy shift the proof's first and third terms bound; the max over states of Definition 4.3 is too noisy).
+    The weights are Eq. 3's (lambda = 1) whatever --is-exponent is, so that the arms stay comparable."""
+    w = importance_weights(pi.log_prob(b["s"], b["a"]), b["log_pi_D"], max_weight, self_normalize)
     s_next_hat = wm.sample(b["s"], b["a"])
     r_hat, _ = wm.reward_terminal(b["s"], b["a"], s_next_hat)
     eps_m = (w * ((s_next_hat - b["s_next"]) ** 2).mean(-1)).sum() / w.sum()
@@ -900,8 +1005,7 @@ def return_gap_diagnostics(wm: WorldModel, pi: Policy, pi_D: Policy, b: dict, ga
     a_pi, logp = pi.sample(b["s"])
     eps_pi = (1 - torch.exp((pi_D.log_prob(b["s"], a_pi) - logp).clamp(max=0))).mean()
     C = 2 * r_max * ((eps_r + 2 * eps_pi) / (1 - gamma) + gamma * (2 * eps_pi + eps_m) / (1 - gamma) ** 2)  # Eq. 9
-    return {"eps_r": eps_r.item(), "eps_m": eps_m.item(), "eps_pi": eps_pi.item(), "return_gap_bound": C.item(),
-            "is_ess": effective_sample_size(w).item()}
+    return {"eps_r": eps_r.item(), "eps_m": eps_m.item(), "eps_pi": eps_pi.item(), "return_gap_bound": C.item()}
 
 
 @torch.no_grad()
@@ -950,13 +1054,15 @@ def evaluate_and_checkpoint(run: Run, step: int) -> None:
            "normalized_score_std": scores.std(), "train_steps_per_second": log.steps_per_second(),
            "wall_seconds": time.perf_counter() - log.t_start}
     if run.wm is not None:
-        b = run.D.sample(args.diag_samples)
-        r_max = run.D.data["r"][: run.D.size].abs().max().item()
-        row.update(return_gap_diagnostics(run.wm, run.agent.actor, run.pi_D, b, args.gamma, r_max,
-                                          args.is_max_weight, args.is_self_normalize))
-        row.update(simulator_errors(run.wm, run.agent.actor, run.normalizer, run.envs[0],
-                                    run.normalizer.inverse(b["s"]).cpu().numpy(), args.horizon,
-                                    ENVS[args.env].clips_velocity))
+        with own_stream(args.seed, f"diagnostics {step}", run.device):  # measurements leave the run's stream alone
+            b = run.D.sample(args.diag_samples)
+            r_max = run.D.data["r"][: run.D.size].abs().max().item()
+            row.update(return_gap_diagnostics(run.wm, run.agent.actor, run.pi_D, b, args.gamma, r_max,
+                                              args.is_max_weight, args.is_self_normalize))
+            row.update(simulator_errors(run.wm, run.agent.actor, run.normalizer, run.envs[0],
+                                        run.normalizer.inverse(b["s"]).cpu().numpy(), args.horizon,
+                                        ENVS[args.env].clips_velocity))
+        row["is_ess"] = log.mean_ess()  # of the IWU batches since the last evaluation (none for Diff+)
     log.record(row)
     write_csv(run.dir / "metrics.csv", METRICS + DIAGNOSTICS, log.history)
     log.counts["checkpoints"] += 1
@@ -971,6 +1077,7 @@ def write_summary(run: Run) -> dict:
     summary = {
         "env": args.env, "dataset": args.dataset, "agent": args.agent, "seed": args.seed,
         "mode": "none" if not args.world_model else ("adept" if args.importance_sampling else "diff"),
+        **{k: getattr(args, k) for k in ("behavior_density", "is_exponent", "iwu_lr", "is_resample_pool")},
         "total_steps": args.total_steps, "normalized_score": final["normalized_score"],
         "normalized_score_std": final["normalized_score_std"],
         "normalized_score_last3": float(np.mean([h["normalized_score"] for h in log.history[-3:]])),
@@ -1187,50 +1294,78 @@ def load_transitions(args: Args) -> tuple[dict[str, np.ndarray], dict]:
     return data, refs
 
 
-WORLD_MODEL_FORMAT = 2  # version of the pretrained world-model cache; bump when WorldModel's or BC's code changes
-RUN_ONLY = {  # Args fields that act only after pretraining: the cache key holds every other field
+CACHE_FORMAT = 3  # version of the pretraining caches; bump when WorldModel's, BetaActor's or BC's code changes
+WORLD_MODEL_SETTINGS = ("env", "dataset", "dataset_size", "seed", "lr", "world_model_steps", "world_model_batch_size",
+                        "denoising_steps", "cosine_s", "model_hidden", "model_depth", "cond_drop_prob")
+BEHAVIOR_SETTINGS = ("env", "dataset", "dataset_size", "seed", "lr", "behavior_density", "behavior_steps",
+                     "batch_size", "hidden")
+RUN_ONLY = {  # Args fields that act only after pretraining (a test checks that every field is in one of the three)
     "agent", "cuda", "threads", "output_dir", "run_name", "resume", "total_steps", "gamma", "tau", "iql_expectile",
     "iql_temperature", "eval_every", "eval_episodes", "log_every", "world_model", "importance_sampling",
     "guidance_weight", "horizon", "rollout_every", "rollout_batch_size", "model_buffer_size", "model_ratio",
-    "is_batch_size", "iwu_every", "is_max_weight", "is_self_normalize", "diag_samples"}
+    "is_batch_size", "iwu_every", "is_max_weight", "is_self_normalize", "is_exponent", "iwu_lr", "is_resample_pool",
+    "diag_samples"}
 
 
-def world_model_cache_path(args: Args) -> tuple[Path, dict]:
-    """Where the pretrained world model of these settings is cached, and the settings. The key covers every field
-    of Args but those in RUN_ONLY (a new field is in the key unless it is listed there: a needless retraining is
-    safer than a wrong model), plus the cache's format version."""
-    settings = {"format": WORLD_MODEL_FORMAT,
-                **{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name not in RUN_ONLY}}
+def cache_path(args: Args, folder: str, fields: tuple[str, ...]) -> tuple[Path, dict]:
+    """<output-dir>/<folder>/<env>-<dataset>-s<seed>-<key>.pt, the key a hash of the settings that shape what is
+    cached and of the cache format. -> the path and the settings"""
+    settings = {"format": CACHE_FORMAT, **{k: getattr(args, k) for k in fields}}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return Path(args.output_dir) / "world_models" / f"{args.env}-{args.dataset}-s{args.seed}-{key}.pt", settings
+    return Path(args.output_dir) / folder / f"{args.env}-{args.dataset}-s{args.seed}-{key}.pt", settings
 
 
-def pretrained_world_model(args: Args, D: Buffer, s_dim: int, a_dim: int, device):
-    """The world model, its optimizer and pi_D after pretraining: from the cache, or trained (then cached). Runs that
-    share the settings (a rerun, the ablations of a seed) share the file; one trains it while the others wait.
-    -> wm, wm_opt, pi_D (a Policy), pretraining steps run here (0 on a cache hit)"""
-    path, settings = world_model_cache_path(args)
-    wm = WorldModel(s_dim, a_dim, args.model_hidden, args.model_depth, args.denoising_steps, args.cosine_s,
-                    args.guidance_weight, args.cond_drop_prob).to(device)
-    wm.set_ranges(D.data["s_next"][: D.size], D.data["r"][: D.size])
-    wm_opt = adam(wm.parameters(), args.lr)
-    pi_D = BC(s_dim, a_dim, args, device)
+def cached(path: Path, settings: dict, parts: dict, train: Callable[[], None]) -> bool:
+    """Load `parts` (name -> object with a state dict) from the cache file, or train() them and save them. Runs
+    that share the settings (a rerun, the arms of a seed) share the file: one trains while the others wait on its
+    lock. A file that does not load (cut short, or written by other code) is retrained from the fresh objects, so
+    the result is the same as on a miss. -> True if trained here"""
     with file_lock(path.with_suffix(".lock")):
         if path.exists():
-            fresh = copy.deepcopy((wm.state_dict(), wm_opt.state_dict(), pi_D.state_dict()))
+            fresh = {k: copy.deepcopy(v.state_dict()) for k, v in parts.items()}
             try:
                 ck = torch.load(path, map_location="cpu", weights_only=False)
-                wm.load_state_dict(ck["wm"]), wm_opt.load_state_dict(ck["wm_opt"]), pi_D.load_state_dict(ck["pi_D"])
-                print(f"loaded pretrained world model and pi_D from {path}", flush=True)
-                return wm, wm_opt, pi_D.actor, 0
-            except Exception as e:  # cut short, or made by other code: start again from the fresh networks
-                print(f"cached world model {path} does not load ({type(e).__name__}); training it again", flush=True)
-                wm.load_state_dict(fresh[0]), wm_opt.load_state_dict(fresh[1]), pi_D.load_state_dict(fresh[2])
-        pretrain(args, D, wm, wm_opt, pi_D)
-        ck = {"wm": wm.state_dict(), "wm_opt": wm_opt.state_dict(), "pi_D": pi_D.state_dict(), "settings": settings}
+                for k, v in parts.items():
+                    v.load_state_dict(ck[k])
+                print(f"loaded {', '.join(parts)} from {path}", flush=True)
+                return False
+            except Exception as e:
+                print(f"cached {path} does not load ({type(e).__name__}); training it again", flush=True)
+                for k, v in parts.items():
+                    v.load_state_dict(fresh[k])
+        train()
+        ck = {**{k: v.state_dict() for k, v in parts.items()}, "settings": settings}
         atomic_write(path, lambda f: torch.save(ck, f))
-    print(f"saved pretrained world model to {path}", flush=True)
-    return wm, wm_opt, pi_D.actor, args.world_model_steps
+    print(f"saved {', '.join(parts)} to {path}", flush=True)
+    return True
+
+
+def pretrained_world_model(args: Args, D: Buffer, device) -> tuple[WorldModel, torch.optim.Optimizer, int]:
+    """The world model and its optimizer after pretraining, from the cache or trained. Built and trained on a random
+    stream of its own, fixed by the seed, so the model is the same whoever trained it and the run's own stream is the
+    same on a hit and on a miss. -> wm, wm_opt, pretraining steps run here (0 on a cache hit)"""
+    path, settings = cache_path(args, "world_models", WORLD_MODEL_SETTINGS)
+    with own_stream(args.seed, "world model", device):
+        wm = WorldModel(D.data["s"].shape[1], D.data["a"].shape[1], args.model_hidden, args.model_depth,
+                        args.denoising_steps, args.cosine_s, args.guidance_weight, args.cond_drop_prob).to(device)
+        wm.set_ranges(D.data["s_next"][: D.size], D.data["r"][: D.size])
+        wm_opt = adam(wm.parameters(), args.lr)
+        trained = cached(path, settings, {"wm": wm, "wm_opt": wm_opt}, lambda: pretrain_world_model(args, D, wm, wm_opt))
+    return wm, wm_opt, args.world_model_steps if trained else 0
+
+
+def behavior_policy(args: Args, D: Buffer, device) -> Policy:
+    """pi_D by --behavior-density: the exact uniform density, or a Beta (`fitted`) or Gaussian policy fitted by
+    behavior cloning on a random stream of its own, cached as the world model is."""
+    s_dim, a_dim = D.data["s"].shape[1], D.data["a"].shape[1]
+    if args.behavior_density == "uniform":
+        return UniformPolicy(a_dim).to(device)
+    path, settings = cache_path(args, "behavior_policies", BEHAVIOR_SETTINGS)
+    with own_stream(args.seed, "behavior policy", device):
+        policy = BetaActor(s_dim, a_dim, args.hidden) if args.behavior_density == "fitted" else None
+        bc = BC(s_dim, a_dim, args, device, policy)
+        cached(path, settings, {"pi_D": bc}, lambda: fit_behavior_policy(args, D, bc))
+    return bc.actor
 
 
 # ==================================================================================================================
@@ -1268,6 +1403,21 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def seed_of(seed: int, stream: str) -> int:
+    """The seed of one named random stream of a run, fixed by the run's seed."""
+    return int(hashlib.sha1(f"{seed}/{stream}".encode()).hexdigest()[:15], 16)
+
+
+@contextlib.contextmanager
+def own_stream(seed: int, stream: str, device: torch.device):
+    """Run the block on torch's generators reseeded by (seed, stream), and give them back as they were after it.
+    Pretraining, pi_D and the diagnostics draw here, so that the policy's stream of a seed is the same in every
+    arm (ADEPT, the controls, Diff+) whether the caches hit or missed: paired seeds."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed_of(seed, stream))
+        yield
 
 
 def save_checkpoint(path: Path, step: int, run: Run) -> None:

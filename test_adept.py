@@ -334,30 +334,34 @@ def test_toy_unconditional_branch_ignores_the_condition(toy_model):
     assert (x1.std(0) > 2 * SIGMA_TOY).all()  # the marginal of s' spreads about 1, far wider than a conditional
 
 
+def _weights(pi, pi_D, s, a, *args, **kw):
+    return adept.importance_weights(pi.log_prob(s, a), pi_D.log_prob(s, a), *args, **kw)
+
+
 def test_importance_weights():
     torch.manual_seed(0)
     pi, pi_D = adept.GaussianActor(3, 2, 16), adept.GaussianActor(3, 2, 16)
     s, a = torch.randn(256, 3), torch.rand(256, 2) * 2 - 1
     for norm in (True, False):  # identical policies: every weight is 1
-        assert torch.allclose(adept.importance_weights(pi, pi, s, a, 10.0, norm), torch.ones(256), atol=1e-5)
+        assert torch.allclose(_weights(pi, pi, s, a, 10.0, norm), torch.ones(256), atol=1e-5)
     # finite (and positive) for dataset actions at exactly +-1, with SAC's squashed policy too
     sac_pi = adept.TanhGaussianActor(3, 2, 16)
     edge = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]]).repeat(10, 1)
-    w = adept.importance_weights(sac_pi, pi_D, torch.randn(30, 3), edge)
+    w = _weights(sac_pi, pi_D, torch.randn(30, 3), edge)
     assert torch.isfinite(w).all() and (w > 0).all()
     # the weights rank actions as the ratio of the two densities does
     with torch.no_grad():
         ratio = (torch.distributions.Normal(*_mu_std(pi, s)).log_prob(a).sum(-1)
                  - torch.distributions.Normal(*_mu_std(pi_D, s)).log_prob(a).sum(-1)).exp()
-    w = adept.importance_weights(pi, pi_D, s, a, max_weight=1e9)
+    w = _weights(pi, pi_D, s, a, max_weight=1e9)
     assert torch.equal(w.argsort(), ratio.argsort())
     assert torch.allclose(w, ratio / ratio.mean(), rtol=1e-4)  # self-normalized: mean 1
-    assert adept.importance_weights(pi, pi_D, s, a, max_weight=2.0).max() <= 2.0
+    assert _weights(pi, pi_D, s, a, max_weight=2.0).max() <= 2.0
     # a narrow policy far from the data gives weights near 1e-40; below 1e-8 they are exactly 0 (no subnormals)
     narrow = adept.GaussianActor(3, 2, 16)
     with torch.no_grad():
         narrow.net[-1].weight.zero_(), narrow.net[-1].bias.copy_(torch.tensor([3.0, 3.0, -5.0, -5.0]))
-    w = adept.importance_weights(narrow, pi_D, s, a, max_weight=1e9)
+    w = _weights(narrow, pi_D, s, a, max_weight=1e9)
     assert (w == 0).any() and ((w == 0) | (w >= 1e-8)).all() and w.sum() > 0
 
 
@@ -488,7 +492,7 @@ args = adept.Args(dataset_size=5000, output_dir=sys.argv[1], world_model_steps=2
                   model_hidden=16, batch_size=16, world_model_batch_size=16, log_every=10**6, cuda=False)
 data, refs = adept.load_transitions(args)
 D = adept.dataset_buffer(data, adept.Normalizer(data["s"].mean(0), data["s"].std(0)), torch.device("cpu"))
-wm, _, pi_D, trained = adept.pretrained_world_model(args, D, 11, 3, torch.device("cpu"))
+wm, _, trained = adept.pretrained_world_model(args, D, torch.device("cpu"))
 digest = lambda arrays: hashlib.sha1(b"".join(a.tobytes() for a in arrays)).hexdigest()
 print("RESULT", json.dumps({"data": digest(data[k] for k in sorted(data)), "trained": trained,
                             "wm": digest(v.numpy() for v in wm.state_dict().values())}))
@@ -554,6 +558,8 @@ def test_a_number_in_agent_state_survives_a_checkpoint(tmp_path):
 
 def _another_value(f: dataclasses.Field):
     value = f.default
+    if value is None:  # an optional number
+        return 1e-5
     if isinstance(value, bool):
         return not value
     if isinstance(value, (int, float)):
@@ -562,16 +568,26 @@ def _another_value(f: dataclasses.Field):
     return next((v for v in choices if v != value), value + "-other")
 
 
-def test_world_model_cache_key_covers_what_shapes_the_model_and_is_shared_by_the_arms(monkeypatch):
-    path, settings = adept.world_model_cache_path(Args())
-    assert settings["format"] == adept.WORLD_MODEL_FORMAT
-    for f in dataclasses.fields(Args):
-        other = adept.world_model_cache_path(Args(**{f.name: _another_value(f)}))[0]
-        assert (other.name == path.name) == (f.name in adept.RUN_ONLY), f.name  # the file name holds the key
-    for arm in ({"importance_sampling": False}, {"agent": "iql"}, {"agent": "bc"}, {"total_steps": 50_000}):
-        assert adept.world_model_cache_path(Args(**arm))[0] == path  # the ablations of a seed share the cache
-    monkeypatch.setattr(adept, "WORLD_MODEL_FORMAT", adept.WORLD_MODEL_FORMAT + 1)
-    assert adept.world_model_cache_path(Args())[0] != path  # a new format never loads an old file
+def test_cache_keys_cover_what_shapes_the_model_and_pi_D_and_are_shared_by_the_arms(monkeypatch):
+    caches = {"world_models": adept.WORLD_MODEL_SETTINGS, "behavior_policies": adept.BEHAVIOR_SETTINGS}
+    classified = set(adept.WORLD_MODEL_SETTINGS) | set(adept.BEHAVIOR_SETTINGS) | adept.RUN_ONLY
+    assert {f.name for f in dataclasses.fields(Args)} == classified  # a new argument must be put in one of them
+    for folder, fields in caches.items():
+        path, settings = adept.cache_path(Args(), folder, fields)
+        assert settings["format"] == adept.CACHE_FORMAT
+        for f in dataclasses.fields(Args):
+            other = adept.cache_path(Args(**{f.name: _another_value(f)}), folder, fields)[0]
+            assert (other.name == path.name) == (f.name not in fields), (folder, f.name)  # the file name holds the key
+        for arm in ({"importance_sampling": False}, {"agent": "iql"}, {"is_exponent": 0.0}, {"total_steps": 50_000}):
+            assert adept.cache_path(Args(**arm), folder, fields)[0] == path  # the arms of a seed share the caches
+        monkeypatch.setattr(adept, "CACHE_FORMAT", adept.CACHE_FORMAT + 1)
+        assert adept.cache_path(Args(), folder, fields)[0] != path  # a new format never loads an old file
+        monkeypatch.undo()
+    # the world model does not depend on pi_D: the densities of a seed share one pretrained model
+    assert adept.cache_path(Args(behavior_density="uniform"), *caches.popitem())[0] != \
+        adept.cache_path(Args(), "behavior_policies", adept.BEHAVIOR_SETTINGS)[0]
+    assert adept.cache_path(Args(behavior_density="uniform"), "world_models", adept.WORLD_MODEL_SETTINGS)[0] == \
+        adept.cache_path(Args(), "world_models", adept.WORLD_MODEL_SETTINGS)[0]
 
 
 def test_a_cached_world_model_that_does_not_fit_is_retrained_as_on_a_miss(tmp_path, data, capsys):
