@@ -47,7 +47,7 @@ def tiny(tmp_path, **kw) -> Args:
     base = dict(dataset_size=SIZE, total_steps=40, eval_every=20, eval_episodes=2, log_every=20, batch_size=32,
                 hidden=32, cuda=CUDA, output_dir=str(tmp_path), world_model_steps=50, behavior_steps=20,
                 model_hidden=32, is_batch_size=64, rollout_every=10, rollout_batch_size=8, model_buffer_size=1000,
-                diag_samples=16)
+                diag_samples=64, sim_check_states=16)
     return Args(**{**base, **kw})
 
 
@@ -602,3 +602,118 @@ def test_a_cached_world_model_that_does_not_fit_is_retrained_as_on_a_miss(tmp_pa
     assert "does not load" in capsys.readouterr().out and again["counts"]["world_model_pretrain_steps"] == 50
     # retrained from the fresh networks, so the run equals one that never had a cache (no half-loaded weights)
     assert again["normalized_score"] == clean["normalized_score"] and again["eps_m"] == clean["eps_m"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The importance-sampled update: behavior densities, tempered weights, resampling, paired seeds
+# ---------------------------------------------------------------------------------------------------------------
+def _fit(policy, s, a, steps=1500, batch=256):
+    """Behavior cloning of `policy` on (s, a), as fit_behavior_policy does."""
+    torch.manual_seed(0)
+    bc = adept.BC(s.shape[1], a.shape[1], Args(lr=3e-3), torch.device("cpu"), policy)
+    D = adept.Buffer(len(s), s.shape[1], a.shape[1], torch.device("cpu"))
+    D.add({"s": s, "a": a, "r": torch.zeros(len(s)), "s_next": s, "terminal": torch.zeros(len(s))})
+    for _ in range(steps):
+        bc.update(D.sample(batch))
+    return bc.actor
+
+
+def test_fitted_behavior_density_represents_uniform_actions():
+    """Random data: a ~ U[-1, 1]^6. Against the fitted Beta, a uniform pi_phi gets weights of ESS >= 0.9 at
+    B_m = 1024; against the unbounded Gaussian of earlier versions it does not (issue 7's finding)."""
+    torch.manual_seed(0)
+    s, a = torch.randn(20_000, 11), torch.rand(20_000, 6) * 2 - 1
+    uniform = adept.UniformPolicy(6)
+    s_test, a_test = torch.randn(1024, 11), torch.rand(1024, 6) * 2 - 1
+    ess = {}
+    for name, policy in (("beta", adept.BetaActor(11, 6, 64)), ("gaussian", adept.GaussianActor(11, 6, 64))):
+        pi_D = _fit(policy, s, a)
+        w = _weights(uniform, pi_D, s_test, a_test, max_weight=math.inf)  # self-normalized, before truncation
+        ess[name] = adept.effective_sample_size(w).item()
+    print(ess)
+    assert ess["beta"] >= 0.9 and ess["gaussian"] < 0.6, ess
+
+
+def test_fitted_behavior_density_fits_a_tanh_gaussian_policy():
+    """Actions of a known tanh-Gaussian policy: the fitted Beta's mean log-likelihood on held-out data is within 0.1
+    nat per action dimension of the true policy's."""
+    torch.manual_seed(1)
+    W = torch.randn(4, 3) * 0.4
+
+    def draw(n):
+        s = torch.randn(n, 4)
+        u = s @ W + 0.4 * torch.randn(n, 3)
+        a = torch.tanh(u)
+        true = adept.gaussian_log_prob(u, s @ W, torch.full((n, 3), math.log(0.4))) - adept.tanh_log_det(u)
+        return s, a, true
+
+    s, a, _ = draw(20_000)
+    pi_D = _fit(adept.BetaActor(4, 3, 64), s, a, steps=3000)
+    s, a, true = draw(5000)
+    with torch.no_grad():
+        gap = (true.mean() - pi_D.log_prob(s, a).mean()).item() / 3
+    print("gap per dimension", gap)
+    assert gap < 0.1, gap
+
+
+def test_behavior_densities_are_finite_on_the_closed_action_box():
+    torch.manual_seed(0)
+    edge = torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, 0.999999], [0.0, -0.9999, 1.0]])
+    s = torch.randn(3, 4)
+    for pi_D in (adept.BetaActor(4, 3, 16), adept.UniformPolicy(3), adept.GaussianActor(4, 3, 16)):
+        assert torch.isfinite(pi_D.log_prob(s, edge)).all(), type(pi_D).__name__
+        w = _weights(adept.TanhGaussianActor(4, 3, 16), pi_D, s, edge)  # a policy's data at the bounds
+        assert torch.isfinite(w).all() and (w > 0).all()
+    assert torch.allclose(adept.UniformPolicy(3).log_prob(s, edge), torch.full((3,), -3 * math.log(2)))
+    beta = adept.BetaActor(4, 3, 16)
+    a, logp = beta.sample(s)
+    assert a.abs().max() <= 1 and torch.allclose(logp, beta.log_prob(s, a))
+
+
+def test_uniform_density_only_for_the_locally_built_random_data():
+    adept.check_args(Args(behavior_density="uniform"))
+    with pytest.raises(adept.UserError, match="uniform"):
+        adept.check_args(Args(behavior_density="uniform", dataset="medium"))
+
+
+def test_tempered_weights():
+    log_pi, log_pi_D = torch.randn(256) * 3, torch.randn(256)
+    assert torch.equal(adept.importance_weights(log_pi, log_pi_D, exponent=0.0), torch.ones(256))  # the control
+    half = adept.importance_weights(log_pi, log_pi_D, max_weight=math.inf, exponent=0.5)
+    ratio = (0.5 * (log_pi - log_pi_D)).exp()
+    assert torch.allclose(half, ratio / ratio.mean(), rtol=1e-4)  # w ~ (pi/pi_D)^(1/2), mean 1
+
+
+def test_arms_of_a_seed_are_paired(tmp_path, data):
+    """ADEPT, the w = 1 control and Diff+ of one seed share the pretrained model, pi_D and the policy's random
+    stream until their models first differ: after 10 policy steps (one PE, at step 1) the three policies and model
+    buffers are identical, whether the cache missed (the first run) or hit, while the three models differ."""
+    arms = {"adept": {}, "control": {"is_exponent": 0.0}, "diff": {"importance_sampling": False}}
+    cks = {}
+    for name, kw in arms.items():
+        adept.main(tiny(tmp_path, total_steps=10, eval_every=10, rollout_every=10, run_name=name, **kw))
+        cks[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)
+    for name in ("control", "diff"):
+        for part in ("agent", "D_hat"):
+            a, b = dict(_tensors(cks["adept"][part])), dict(_tensors(cks[name][part]))
+            assert all(torch.equal(a[k], b[k]) for k in a), (name, part)
+        assert cks[name]["history"][0]["eps_pi"] == cks["adept"]["history"][0]["eps_pi"]  # paired diagnostics
+    w = {n: ck["wm"]["noise_net.0.weight"] for n, ck in cks.items()}
+    assert not torch.equal(w["adept"], w["control"]) and not torch.equal(w["adept"], w["diff"])
+    assert not torch.equal(w["control"], w["diff"])
+
+
+def test_resampling_iwu_lr_and_run_names(tmp_path, data):
+    s = adept.main(tiny(tmp_path, total_steps=20, is_resample_pool=256, iwu_lr=1e-5))
+    assert s["counts"]["iwu_updates"] == 20 and s["is_resample_pool"] == 256 and s["iwu_lr"] == 1e-5
+    assert 0 < s["is_ess"] <= 1
+    run = tmp_path / "hopper-random-adept-sac-iwulr1e-05-pool256-s0"
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["wm_opt"]["param_groups"][0]["lr"] == 1e-5
+    pre = torch.load(next((tmp_path / "world_models").glob("*.pt")), weights_only=False)["wm"]
+    assert not torch.equal(ck["wm"]["noise_net.0.weight"], pre["noise_net.0.weight"])  # the resampled IWU moved it
+    names = {adept.run_name(Args(**kw)) for kw in ({}, {"is_exponent": 0.0}, {"behavior_density": "uniform"},
+                                                   {"importance_sampling": False}, {"world_model": False})}
+    assert len(names) == 5 and "hopper-random-adept-sac-lambda0-s0" in names
+    diff = adept.main(tiny(tmp_path, total_steps=20, importance_sampling=False))
+    assert math.isnan(diff["is_ess"])  # no IWU batches in Diff+
