@@ -800,7 +800,7 @@ COUNTS = ("policy_updates", "rollouts", "model_transitions", "iwu_updates", "eva
 METRICS = ("step", "return", "return_std", "normalized_score", "normalized_score_std", "train_steps_per_second",
            "wall_seconds")
 DIAGNOSTICS = ("eps_r", "eps_m", "eps_pi", "return_gap_bound", "is_ess", "sim_state_error", "sim_reward_error",
-               "sim_state_error_h", "sim_states")
+               "sim_state_error_h", "sim_return_error_h", "sim_states")
 
 
 class RunLog:
@@ -1017,7 +1017,9 @@ def simulator_errors(wm: WorldModel, pi: Policy, normalizer: Normalizer, env, ob
     """The model against the real simulator, under the current policy (deterministic actions). The simulator is put
     in the state each dataset observation describes (x position, which the observation omits and the dynamics do not
     depend on, set to 0); observations whose velocities sit at the +-10 clip are skipped. One-step RMSE of the state
-    (normalized units) and of the reward, and state RMSE after H steps of each following the policy on its own."""
+    (normalized units) and of the reward; the state RMSE after H steps of each following the policy on its own; and
+    the error that PE exists to keep small, |model H-step return - simulator H-step return| (undiscounted), on the
+    start states whose simulated episode lasts H steps."""
     sim = env.unwrapped
     nq = sim.model.nq
     if clips_velocity:
@@ -1040,10 +1042,13 @@ def simulator_errors(wm: WorldModel, pi: Policy, normalizer: Normalizer, env, ob
     model_s, model_r = model["s_next"], model["r"]  # (n, H, S), (n, H): model terminals ignored, as the simulator's
     state_err = ((model_s - normalizer(torch.as_tensor(sim_s, device=device))) ** 2).mean(-1)  # (n, H)
     full = torch.as_tensor(sim_alive[:, -1], device=device)
-    reward_err = model_r[:, 0] - torch.as_tensor(sim_r[:, 0], device=device)
+    sim_r = torch.as_tensor(sim_r, device=device)
+    reward_err = model_r[:, 0] - sim_r[:, 0]
+    return_err = (model_r.sum(1) - sim_r.sum(1)).abs()  # (n,)
     return {"sim_state_error": state_err[:, 0].mean().sqrt().item(),
             "sim_reward_error": (reward_err**2).mean().sqrt().item(),
             "sim_state_error_h": state_err[full, -1].mean().sqrt().item() if full.any() else float("nan"),
+            "sim_return_error_h": return_err[full].mean().item() if full.any() else float("nan"),
             "sim_states": n}
 
 

@@ -416,7 +416,8 @@ def test_adept_closed_loop_runs_every_phase(tmp_path, data, agent):
     assert s["mode"] == "adept" and c["world_model_pretrain_steps"] == 50
     assert c["rollouts"] == 4 * 8 and c["model_transitions"] > 0 and c["policy_updates"] == 40
     assert c["iwu_updates"] == 40 and c["evaluations"] == 2 and c["checkpoints"] == 2
-    for key in ("eps_r", "eps_m", "eps_pi", "return_gap_bound", "sim_state_error", "sim_reward_error"):
+    for key in ("eps_r", "eps_m", "eps_pi", "return_gap_bound", "sim_state_error", "sim_reward_error",
+                "sim_return_error_h"):
         assert math.isfinite(s[key]) and s[key] >= 0, key
     assert 0 <= s["eps_pi"] <= 1
     run = tmp_path / f"hopper-random-adept-{agent}-s0"
@@ -717,3 +718,34 @@ def test_resampling_iwu_lr_and_run_names(tmp_path, data):
     assert len(names) == 5 and "hopper-random-adept-sac-lambda0-s0" in names
     diff = adept.main(tiny(tmp_path, total_steps=20, importance_sampling=False))
     assert math.isnan(diff["is_ess"])  # no IWU batches in Diff+
+
+
+def test_simulator_check_measures_the_policy_evaluation_error(data):
+    """sim_return_error_h = mean |model H-step return - simulator H-step return|: with a reward model that always
+    says r_hi, the model's return is H r_hi, and the simulator's is what stepping it with the policy gives."""
+    d, _ = data
+    torch.manual_seed(0)
+    norm = adept.Normalizer(d["s"].mean(0), d["s"].std(0))
+    D = adept.dataset_buffer(d, norm, torch.device("cpu"))
+    wm = adept.WorldModel(11, 3, hidden=16)
+    wm.set_ranges(D.data["s_next"], D.data["r"])
+    with torch.no_grad():
+        wm.reward_net[-1].weight.zero_(), wm.reward_net[-1].bias.copy_(torch.tensor([100.0, -100.0]))
+    pi, env, H = adept.TanhGaussianActor(11, 3, 16), gym.make("Hopper-v5"), 5
+    obs = d["s"][np.abs(d["s"][:, 5:]).max(1) < 9.9][:40]
+    out = adept.simulator_errors(wm, pi, norm, env, obs, H, clips_velocity=True)
+    errors = []
+    for o in obs:
+        env.reset(seed=0)
+        env.unwrapped.set_state(np.concatenate([[0.0], o[:5]]), o[5:])
+        ret, alive = 0.0, True
+        for _ in range(H):
+            a = pi.act(norm(torch.as_tensor(o, dtype=torch.float32)[None]), True)[0].detach().numpy()
+            o, r, terminated, _, _ = env.step(a)
+            ret += r
+            if terminated:
+                alive = False
+                break
+        if alive:
+            errors.append(abs(H * wm.r_hi.item() - ret))
+    assert errors and out["sim_return_error_h"] == pytest.approx(np.mean(errors), rel=1e-4)
