@@ -749,3 +749,67 @@ def test_simulator_check_measures_the_policy_evaluation_error(data):
         if alive:
             errors.append(abs(H * wm.r_hi.item() - ret))
     assert errors and out["sim_return_error_h"] == pytest.approx(np.mean(errors), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results/: the importance-sampling study and the reports, at tiny size
+# ---------------------------------------------------------------------------------------------------------------
+def _results_module(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, HERE / "results" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_is_study_writes_every_cell_and_skips_written_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
+    study = _results_module("is_study")
+    argv = ["--env", "hopper", "--seed", "0", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+            "--dataset-size", "2000", "--world-model-steps", "50", "--behavior-steps", "20", "--target-steps", "20",
+            "40", "--updates", "20", "--every", "10", "--states", "20", "--real-transitions", "200",
+            "--model-hidden", "32", "--hidden", "32", "--is-batch-size", "64"]
+    out = study.main(study.parse(argv))
+    cells = {p.stem: list(csv.DictReader(open(p))) for p in out.glob("*__*.csv")}
+    assert set(cells) == {f"{t}__{a}" for t in ("sac20", "sac40") for a in study.ARMS}
+    for name, rows in cells.items():
+        assert [int(r["updates"]) for r in rows] == [0, 10, 20], name
+        assert rows[0]["pe_return_error"] == cells["sac20__frozen" if "sac20" in name else "sac40__frozen"][0][
+            "pe_return_error"]  # every arm starts from the same pretrained model, measured the same way
+    assert len({r["pe_return_error"] for r in cells["sac20__frozen"]}) == 1  # the frozen model never changes
+    assert cells["sac20__eq3"][-1] != cells["sac20__frozen"][-1]  # the update moved the model
+    assert float(cells["sac20__w1"][-1]["batch_ess"]) == 1.0 and 0 < float(cells["sac20__eq3"][-1]["batch_ess"]) < 1
+    meta = json.loads((out / "meta.json").read_text())
+    for t in meta["targets"].values():
+        assert 0 < t["dataset_ess_fitted"] <= 1 and 0 < t["dataset_ess_uniform"] <= 1 and 0 <= t["eps_pi_fitted"] <= 1
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*.csv")}
+    capsys.readouterr()
+    study.main(study.parse(argv))
+    assert "[study]" not in capsys.readouterr().out  # nothing recomputed
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*.csv")}
+
+    report = _results_module("report")
+    report.study(tmp_path / "out", "hopper", tmp_path / "study.png")
+    text = capsys.readouterr().out
+    assert "| eq3 | 1 |" in text and "| ceiling | 1 |" in text and (tmp_path / "study.png").stat().st_size > 10_000
+
+
+def test_ablation_report_pairs_seeds_and_draws_the_curves(tmp_path, data, capsys):
+    for seed in (0, 1):
+        for kw in ({}, {"is_exponent": 0.0}, {"world_model": False}):
+            adept.main(tiny(tmp_path / "hopper-random", seed=seed, total_steps=60, **kw))
+    report = _results_module("report")
+    assert report.bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
+    lo, hi = report.bootstrap_ci([0.0, 10.0])
+    assert lo == 0.0 and hi == 10.0  # two seeds: the interval is their range
+    capsys.readouterr()
+    report.ablation(tmp_path / "hopper-random", tmp_path / "ablation.png")
+    text = capsys.readouterr().out
+    scores = {}
+    for seed in (0, 1):
+        for arm, name in (("adept-sac", "adept-sac"), ("sac", "sac")):
+            rows = list(csv.DictReader(open(tmp_path / f"hopper-random/hopper-random-{name}-s{seed}/metrics.csv")))
+            scores[arm, seed] = np.mean([float(r["normalized_score"]) for r in rows[-3:]])
+    diffs = [scores["adept-sac", s] - scores["sac", s] for s in (0, 1)]
+    assert f"| SAC | {diffs[0]:+.1f}, {diffs[1]:+.1f} | {np.mean(diffs):+.1f} |" in text
+    assert "| ADEPT-SAC | 2 | 60 |" in text and (tmp_path / "ablation.png").stat().st_size > 10_000
