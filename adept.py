@@ -55,8 +55,10 @@ class Args:
     # ---- experiment ----
     env: Literal["hopper", "halfcheetah", "walker2d"] = "hopper"
     """MuJoCo task, simulated by gymnasium's v5 environments"""
-    dataset: Literal["random", "simple", "medium", "expert"] = "random"
-    """`random` is built locally in the simulator (as D4RL's); the others are Minari's `mujoco/<env>/<name>-v0`"""
+    dataset: str = "random"
+    """`random`, `medium`, `medium-replay`: the paper's three datasets, built locally in the simulator by D4RL's
+    recipes; `simple`, `expert`: Minari's official `mujoco/<env>/<name>-v0`; or any Minari dataset id, such as
+    `mujoco/hopper/medium-v0`"""
     agent: Literal["sac", "iql", "bc"] = "sac"
     """offline RL method that updates the policy pi_phi (Sec. 5: ADEPT wraps SAC or IQL; BC is ablation (3))"""
     seed: int = 0
@@ -75,7 +77,14 @@ class Args:
 
     # ---- data ----
     dataset_size: int = 1_000_000
-    """transitions in a locally built `random` dataset (D4RL's random datasets hold 1M)"""
+    """transitions in a locally built `random` or `medium` dataset (D4RL's hold 1M)"""
+    medium_return: float | None = None
+    """return at which the online learner that makes `medium` and `medium-replay` counts as medium (default: a
+    third of the way from D4RL's random to its expert return, D4RL's medium level)"""
+    online_steps_cap: int = 1_000_000
+    """environment steps after which the online learner gives up if it has not reached the medium return"""
+    online_eval_every: int = 5000
+    """environment steps between two evaluations (10 deterministic episodes) and checkpoints of the online learner"""
 
     # ---- offline RL (Table 3) ----
     total_steps: int = 1_000_000
@@ -176,7 +185,9 @@ ENVS = {
     "halfcheetah": EnvInfo("HalfCheetah-v5", -280.178953, 12135.0, False),
     "walker2d": EnvInfo("Walker2d-v5", 1.629008, 4592.3, True),
 }
-DATA_SEED = 0  # everyone who builds a random dataset gets the same one
+DATA_SEED = 0  # everyone who builds a local dataset gets the same one
+LOCAL_DATASETS = ("random", "medium", "medium-replay")  # built in the simulator (section 10)
+OFFICIAL_DATASETS = ("simple", "expert")  # Minari's mujoco/<env>/<name>-v0
 
 
 class UserError(Exception):
@@ -193,6 +204,9 @@ def check_args(args: Args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.iwu_lr is not None and not args.iwu_lr > 0:
         raise UserError(f"--iwu-lr must be positive, got {args.iwu_lr}")
+    if args.dataset not in LOCAL_DATASETS + OFFICIAL_DATASETS and "/" not in args.dataset:
+        raise UserError(f"--dataset {args.dataset}: use one of {', '.join(LOCAL_DATASETS + OFFICIAL_DATASETS)} or a "
+                        "Minari dataset id such as mujoco/hopper/medium-v0")
     if args.behavior_density == "uniform" and args.dataset != "random":
         raise UserError("--behavior-density uniform is the exact density of the locally built random datasets' "
                         f"uniform policy; --dataset {args.dataset} was collected by another policy: use fitted")
@@ -963,7 +977,7 @@ def run_name(args: Args) -> str:
         iwu += f"-lambda{args.is_exponent:g}" if args.is_exponent != 1 else ""
         iwu += f"-iwulr{args.iwu_lr:g}" if args.iwu_lr is not None else ""
         iwu += f"-pool{args.is_resample_pool}" if args.is_resample_pool else ""
-    return f"{args.env}-{args.dataset}-{mode}{args.agent}{iwu}-s{args.seed}"
+    return f"{args.env}-{args.dataset.replace('/', '-')}-{mode}{args.agent}{iwu}-s{args.seed}"
 
 
 # ==================================================================================================================
@@ -1142,9 +1156,22 @@ def write_csv(path: Path, columns, rows: list[dict]) -> None:
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
-def dataset_id(env: str, dataset: str, size: int) -> str:
-    # Locally built data lives in our own namespace, never in Minari's official `mujoco/` one.
-    return f"adept/{env}/random-{size}-v0" if dataset == "random" else f"mujoco/{env}/{dataset}-v0"
+def medium_tag(args: Args) -> str:
+    """What sets this online learner apart from the default one, for the ids of its datasets ('' by default)."""
+    tag = f"-return{round(args.medium_return)}" if args.medium_return is not None else ""
+    return tag + (f"-eval{args.online_eval_every}" if args.online_eval_every != 5000 else "")
+
+
+def dataset_id(args: Args) -> str:
+    """Minari id of --dataset. Locally built data lives in our own namespace `adept/`, never in Minari's `mujoco/`."""
+    env, tag = args.env, medium_tag(args)
+    if args.dataset == "random":
+        return f"adept/{env}/random-{args.dataset_size}-v0"
+    if args.dataset == "medium":
+        return f"adept/{env}/medium-{args.dataset_size}{tag}-v0"
+    if args.dataset == "medium-replay":
+        return f"adept/{env}/medium-replay{tag}-v0"
+    return args.dataset if "/" in args.dataset else f"mujoco/{env}/{args.dataset}-v0"
 
 
 @contextlib.contextmanager
@@ -1187,43 +1214,186 @@ def into_store(ds_id: str, make: Callable[[], object]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def collect_random_episodes(env: str, size: int, name: str) -> list:
-    """D4RL's recipe for random data: a uniform random policy in the real simulator, `size` transitions."""
-    from minari.data_collector import EpisodeBuffer
-
+@torch.no_grad()
+def collect(env: str, size: int, name: str, policy: Policy | None = None) -> dict[str, np.ndarray]:
+    """`size` transitions in the real simulator from data seed 0, as arrays of the vocabulary of section 2 plus
+    `timeout`: a uniform random policy (D4RL's recipe for random data), or `policy` on raw observations with its
+    actions sampled (the medium data)."""
     sim = gym.make(ENVS[env].gym_id)
     sim.action_space.seed(DATA_SEED)
     obs, _ = sim.reset(seed=DATA_SEED)
-    episodes, ep = [], {"obs": [obs], "act": [], "rew": [], "term": [], "trunc": []}  # Minari's episode fields
+    out = {k: [] for k in ("s", "a", "r", "s_next", "terminal", "timeout")}
     progress = Progress(f"collect {name}", size, max(1, size // 10))
     for t in range(1, size + 1):
-        action = sim.action_space.sample()
-        obs, reward, terminated, truncated, _ = sim.step(action)
+        if policy is None:
+            action = sim.action_space.sample()
+        else:
+            action = policy.act(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy()
+        obs_next, reward, terminated, truncated, _ = sim.step(action)
         truncated = truncated or (t == size and not terminated)  # the last, cut episode must bootstrap
-        for key, value in zip(ep, (obs, action, reward, terminated, truncated)):
-            ep[key].append(value)
-        if terminated or truncated:
-            episodes.append(EpisodeBuffer(
-                id=len(episodes), observations=np.array(ep["obs"]), actions=np.array(ep["act"]),
-                rewards=ep["rew"], terminations=ep["term"], truncations=ep["trunc"]))
-            obs, _ = sim.reset()
-            ep = {"obs": [obs], "act": [], "rew": [], "term": [], "trunc": []}
+        for key, value in zip(out, (obs, action, reward, obs_next, terminated, truncated)):
+            out[key].append(value)
+        obs = sim.reset()[0] if terminated or truncated else obs_next
         progress.update(t)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def to_episodes(tr: dict[str, np.ndarray]) -> list:
+    """Transition arrays, in the order they were collected, -> Minari episodes, split at each termination and
+    truncation (the last transition must end its episode)."""
+    from minari.data_collector import EpisodeBuffer
+
+    ends = np.flatnonzero(tr["terminal"] + tr["timeout"] > 0)
+    assert len(ends) and ends[-1] == len(tr["s"]) - 1, "the last transition must end an episode"
+    episodes, start = [], 0
+    for end in ends:
+        part = slice(start, end + 1)
+        episodes.append(EpisodeBuffer(
+            id=len(episodes), observations=np.concatenate([tr["s"][part], tr["s_next"][end: end + 1]]),
+            actions=tr["a"][part], rewards=list(tr["r"][part]), terminations=list(tr["terminal"][part].astype(bool)),
+            truncations=list(tr["timeout"][part].astype(bool))))
+        start = end + 1
     return episodes
 
 
-def build_random_dataset(env: str, size: int, ds_id: str) -> None:
-    """The locally built `random` dataset, stored as a Minari dataset with D4RL's reference returns."""
+def write_dataset(ds_id: str, env: str, tr: dict[str, np.ndarray], algorithm: str, description: str,
+                  recipe: dict | None = None) -> None:
+    """Transitions -> a Minari dataset `ds_id` with D4RL's reference returns, and our recipe in its metadata."""
     info = ENVS[env]
-    episodes = collect_random_episodes(env, size, ds_id)
+    episodes = to_episodes(tr)
     print(f"writing {len(episodes)} episodes of {ds_id} to the Minari store", flush=True)
     with warnings.catch_warnings():  # Minari nags about optional metadata (author e-mail, code link)
         warnings.simplefilter("ignore", UserWarning)
-        minari.create_dataset_from_buffers(
-            ds_id, episodes, env=info.gym_id, eval_env=info.gym_id, algorithm_name="uniform random policy",
-            author="adept.py", ref_min_score=info.ref_random, ref_max_score=info.ref_expert, data_format="hdf5",
-            description=f"{size} transitions of a uniform random policy in {info.gym_id} (seed {DATA_SEED}), as "
-                        "D4RL's random datasets; reference scores are D4RL's.")
+        ds = minari.create_dataset_from_buffers(
+            ds_id, episodes, env=info.gym_id, eval_env=info.gym_id, algorithm_name=algorithm, author="adept.py",
+            ref_min_score=info.ref_random, ref_max_score=info.ref_expert, data_format="hdf5",
+            description=description + " Reference scores are D4RL's.")
+    if recipe is not None:
+        ds.storage.update_metadata({"adept_recipe": json.dumps(recipe)})
+
+
+def build_random_dataset(args: Args, ds_id: str, learner=None) -> None:
+    """The locally built `random` dataset: D4RL's recipe, a uniform random policy."""
+    tr = collect(args.env, args.dataset_size, ds_id)
+    write_dataset(ds_id, args.env, tr, "uniform random policy",
+                  f"{args.dataset_size} transitions of a uniform random policy in {ENVS[args.env].gym_id} "
+                  f"(seed {DATA_SEED}), as D4RL's random datasets.")
+
+
+def medium_learner(args: Args) -> tuple[nn.Module, dict[str, np.ndarray], dict]:
+    """D4RL's recipe for medium data (Fu et al. 2020): SAC (this file's, at Table 3's settings whatever the run's are)
+    trained online in the simulator on raw observations, one gradient update per environment step after a warm-up
+    of uniform random actions (1000 steps, as rlkit's SAC that D4RL used; at most half of --online-eval-every),
+    evaluated every --online-eval-every steps on 10 deterministic
+    episodes and checkpointed, until that mean return first reaches the medium return. Shared by `medium` and
+    `medium-replay`: one process trains it while others wait; an interrupted training resumes from its checkpoint
+    (the episode in progress is cut there, as a truncation). -> the medium policy, every transition collected until
+    then (its replay buffer, in order), and the recipe with what it reached. The policy is saved beside the
+    datasets, as <store>/adept/<env>/medium-policy<tag>.pt."""
+    info, tag = ENVS[args.env], medium_tag(args)
+    target = args.medium_return if args.medium_return is not None else \
+        info.ref_random + (info.ref_expert - info.ref_random) / 3
+    store = minari.storage.get_dataset_path()
+    work, policy_path = store / "adept" / args.env / f".medium-learner{tag}", \
+        store / "adept" / args.env / f"medium-policy{tag}.pt"
+    sim = gym.make(info.gym_id)
+    s_dim, a_dim = sim.observation_space.shape[0], sim.action_space.shape[0]
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    with file_lock(store / ".locks" / f"medium-learner-{args.env}{tag}.lock"), \
+            own_stream(DATA_SEED, f"medium learner {args.env}", device):
+        agent = SAC(s_dim, a_dim, Args(env=args.env), device)
+        if policy_path.exists():
+            ck = torch.load(policy_path, map_location="cpu", weights_only=False)
+            agent.actor.load_state_dict(ck["actor"])
+            with np.load(work / "replay.npz") as z:
+                return agent.actor.cpu(), {k: z[k] for k in z.files}, ck["recipe"]
+        cap = args.online_steps_cap
+        tr = {k: np.zeros((cap, d) if d else cap, np.float32) for k, d in
+              (("s", s_dim), ("a", a_dim), ("r", 0), ("s_next", s_dim), ("terminal", 0), ("timeout", 0))}
+        replay = Buffer(cap, s_dim, a_dim, device)
+        t, history = 0, []
+        if (work / "checkpoint.pt").exists():
+            ck = torch.load(work / "checkpoint.pt", map_location="cpu", weights_only=False)
+            t, history = ck["step"], ck["history"]
+            agent.load_state_dict(ck["agent"]), set_rng_state(ck["rng"])
+            for k in tr:
+                tr[k][:t] = ck["transitions"][k]
+            tr["timeout"][t - 1] = max(tr["timeout"][t - 1], 1 - tr["terminal"][t - 1])  # cut the open episode
+            replay.add({k: torch.as_tensor(tr[k][:t], device=device) for k in Buffer.FIELDS})
+            print(f"online learner for {args.env}: resumed from {work / 'checkpoint.pt'} at step {t}", flush=True)
+        identity = Normalizer(torch.zeros(s_dim), torch.ones(s_dim), std_pad=0.0).to(device)
+        evals = [gym.make(info.gym_id) for _ in range(10)]
+        sim.action_space.seed(DATA_SEED + t)
+        obs, _ = sim.reset(seed=DATA_SEED + t)
+        warmup, losses = min(1000, args.online_eval_every // 2), {}
+        progress = Progress(f"online SAC {args.env}, until return {target:.0f} (ETA to the cap)", cap,
+                            args.log_every, t)
+        while True:
+            if t >= cap:
+                best = max((r for _, r in history), default=float("nan"))
+                raise UserError(f"the online learner for {args.env}'s medium data did not reach the return "
+                                f"{target:.0f} within --online-steps-cap {cap} environment steps (best evaluation "
+                                f"{best:.0f}); raise the cap or lower --medium-return")
+            if t < warmup:
+                action = sim.action_space.sample()
+            else:
+                with torch.no_grad():
+                    action = agent.actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0]
+                action = action.cpu().numpy()
+            obs_next, reward, terminated, truncated, _ = sim.step(action)
+            for key, value in zip(tr, (obs, action, reward, obs_next, terminated, truncated)):
+                tr[key][t] = value
+            replay.add({k: torch.as_tensor(tr[k][t: t + 1], device=device) for k in Buffer.FIELDS})
+            t += 1
+            if t > warmup:  # one gradient update per environment step
+                losses = agent.update(replay.sample(256))
+            obs = sim.reset()[0] if terminated or truncated else obs_next
+            progress.update(t, {"return": history[-1][1]} if history else losses)
+            if t % args.online_eval_every == 0:
+                history.append((t, float(evaluate(agent.actor, identity, evals, seed=DATA_SEED + 10_000).mean())))
+                if history[-1][1] >= target:
+                    break
+                state = {"step": t, "history": history, "agent": agent.state_dict(), "rng": rng_state(),
+                         "transitions": {k: v[:t] for k, v in tr.items()}}
+                atomic_write(work / "checkpoint.pt", lambda f: torch.save(state, f))
+        tr = {k: v[:t] for k, v in tr.items()}
+        tr["timeout"][-1] = max(tr["timeout"][-1], 1 - tr["terminal"][-1])  # the episode open at the stop is cut
+        recipe = {"recipe": "D4RL medium / medium-replay: online SAC, one update per environment step",
+                  "env": info.gym_id, "medium_return": target, "reached_return": history[-1][1],
+                  "reached_normalized_score": normalized_score(history[-1][1], info.ref_random, info.ref_expert),
+                  "environment_steps": t, "warmup_random_steps": warmup, "eval_every": args.online_eval_every,
+                  "evaluations": history, "data_seed": DATA_SEED}
+        atomic_write(work / "replay.npz", lambda f: np.savez(f, **tr))
+        policy = {"actor": {k: v.cpu() for k, v in agent.actor.state_dict().items()}, "recipe": recipe,
+                  "class": "TanhGaussianActor", "hidden": Args.hidden, "s_dim": s_dim, "a_dim": a_dim}
+        atomic_write(policy_path, lambda f: torch.save(policy, f))  # written last: it marks the learner done
+        (work / "checkpoint.pt").unlink(missing_ok=True)
+        print(f"online learner for {args.env} reached return {history[-1][1]:.0f} (target {target:.0f}) after {t} "
+              f"environment steps; policy saved to {policy_path}", flush=True)
+        return agent.actor.cpu(), tr, recipe
+
+
+def build_medium_replay_dataset(args: Args, ds_id: str, learner: tuple) -> None:
+    """`medium-replay`: every transition the online learner's replay buffer recorded, in order, until its policy
+    first reached the medium return. `learner` is what medium_learner returned."""
+    _, tr, recipe = learner
+    write_dataset(ds_id, args.env, tr, "SAC, online (replay buffer until medium)",
+                  f"The {len(tr['s'])} transitions an online SAC learner collected in {ENVS[args.env].gym_id} "
+                  f"until its deterministic policy first reached the return {recipe['medium_return']:.0f}, as D4RL's "
+                  "medium-replay datasets.", {**recipe, "dataset": "medium-replay"})
+
+
+def build_medium_dataset(args: Args, ds_id: str, learner: tuple) -> None:
+    """`medium`: --dataset-size transitions of the medium policy acting in the simulator. Its actions are sampled,
+    not deterministic, as D4RL's medium data: a deterministic behavior policy has no density, so pi_D (Eq. 3) would
+    be degenerate and the data would hold one action per state."""
+    policy, _, recipe = learner
+    with own_stream(DATA_SEED, f"medium data {args.env}", torch.device("cpu")):
+        tr = collect(args.env, args.dataset_size, ds_id, policy)
+    write_dataset(ds_id, args.env, tr, "SAC policy at the medium level, sampled actions",
+                  f"{args.dataset_size} transitions of an online SAC policy that reached the return "
+                  f"{recipe['reached_return']:.0f} in {ENVS[args.env].gym_id}, actions sampled, as D4RL's medium "
+                  "datasets.", {**recipe, "dataset": "medium", "behavior_actions": "sampled"})
 
 
 def flatten(episodes) -> dict[str, np.ndarray]:
@@ -1264,15 +1434,18 @@ def load_transitions(args: Args) -> tuple[dict[str, np.ndarray], dict]:
     """The dataset as flat transition arrays (the vocabulary of section 2, plus `timeout`), and its reference returns
     (random, expert) for normalized scores with their source. A missing local dataset is built, a missing official one
     downloaded; a local one that cannot be read (a build cut short by an older version) is rebuilt."""
-    ds_id = dataset_id(args.env, args.dataset, args.dataset_size)
+    ds_id = dataset_id(args)
     path = minari.storage.get_dataset_path(ds_id)
-    local = args.dataset == "random"
+    local = args.dataset in LOCAL_DATASETS
+    build = {"random": build_random_dataset, "medium": build_medium_dataset,
+             "medium-replay": build_medium_replay_dataset}.get(args.dataset)
     t0 = time.perf_counter()
     with file_lock(minari.storage.get_dataset_path() / ".locks" / f"{ds_id.replace('/', '__')}.lock"):
         for attempt in (1, 2):
             if not (path / "data").exists():
                 if local:
-                    into_store(ds_id, lambda: build_random_dataset(args.env, args.dataset_size, ds_id))
+                    learner = medium_learner(args) if args.dataset != "random" else None  # kept in the real store
+                    into_store(ds_id, lambda: build(args, ds_id, learner))
                 else:
                     try:  # Minari's download needs its `hf` extra and the network; offline it fails after ~20 s
                         into_store(ds_id, lambda: minari.download_dataset(ds_id))
@@ -1280,8 +1453,8 @@ def load_transitions(args: Args) -> tuple[dict[str, np.ndarray], dict]:
                         raise UserError(
                             f"dataset {ds_id} is not in the local Minari store ({path.parent}, set by "
                             f"MINARI_DATASETS_PATH) and could not be downloaded ({type(e).__name__}). Download it where "
-                            "there is network, or use --dataset random, which is built locally and works offline.") \
-                            from None
+                            "there is network, or use --dataset random, medium or medium-replay, which are built "
+                            "locally in the simulator and work offline.") from None
             try:
                 data, meta = read_dataset(ds_id, path)
                 break
@@ -1294,6 +1467,11 @@ def load_transitions(args: Args) -> tuple[dict[str, np.ndarray], dict]:
                 shutil.rmtree(path)
     if not len(data["s"]):
         raise UserError(f"dataset {ds_id} at {path} holds no transitions")
+    sim = gym.make(ENVS[args.env].gym_id)
+    if data["s"].shape[1:] != sim.observation_space.shape or data["a"].shape[1:] != sim.action_space.shape:
+        raise UserError(f"dataset {ds_id} holds states {data['s'].shape[1:]} and actions {data['a'].shape[1:]}, "
+                        f"but --env {args.env} ({ENVS[args.env].gym_id}) has {sim.observation_space.shape} and "
+                        f"{sim.action_space.shape}")
     refs = {"random": meta.get("ref_min_score"), "expert": meta.get("ref_max_score"), "source": "dataset metadata"}
     if refs["random"] is None or refs["expert"] is None:  # some official sets lack them (Minari issue #323)
         refs = {"random": ENVS[args.env].ref_random, "expert": ENVS[args.env].ref_expert, "source": "D4RL"}
@@ -1305,16 +1483,16 @@ def load_transitions(args: Args) -> tuple[dict[str, np.ndarray], dict]:
 
 
 CACHE_FORMAT = 3  # version of the pretraining caches; bump when WorldModel's, BetaActor's or BC's code changes
-WORLD_MODEL_SETTINGS = ("env", "dataset", "dataset_size", "seed", "lr", "world_model_steps", "world_model_batch_size",
-                        "denoising_steps", "cosine_s", "model_hidden", "model_depth", "cond_drop_prob")
-BEHAVIOR_SETTINGS = ("env", "dataset", "dataset_size", "seed", "lr", "behavior_density", "behavior_steps",
-                     "batch_size", "hidden")
-RUN_ONLY = {  # Args fields that act only after pretraining (a test checks that every field is in one of the three)
+DATA_SETTINGS = ("env", "dataset", "dataset_size", "medium_return", "online_eval_every")  # which data
+WORLD_MODEL_SETTINGS = DATA_SETTINGS + ("seed", "lr", "world_model_steps", "world_model_batch_size",
+                                        "denoising_steps", "cosine_s", "model_hidden", "model_depth", "cond_drop_prob")
+BEHAVIOR_SETTINGS = DATA_SETTINGS + ("seed", "lr", "behavior_density", "behavior_steps", "batch_size", "hidden")
+RUN_ONLY = {  # Args fields that do not shape what is cached (a test checks that every field is in one of the three)
     "agent", "cuda", "threads", "output_dir", "run_name", "resume", "total_steps", "gamma", "tau", "iql_expectile",
     "iql_temperature", "eval_every", "eval_episodes", "log_every", "world_model", "importance_sampling",
     "guidance_weight", "horizon", "rollout_every", "rollout_batch_size", "model_buffer_size", "model_ratio",
     "is_batch_size", "iwu_every", "is_max_weight", "is_self_normalize", "is_exponent", "iwu_lr", "is_resample_pool",
-    "diag_samples", "sim_check_states"}
+    "diag_samples", "sim_check_states", "online_steps_cap"}
 
 
 def cache_path(args: Args, folder: str, fields: tuple[str, ...]) -> tuple[Path, dict]:
@@ -1322,7 +1500,8 @@ def cache_path(args: Args, folder: str, fields: tuple[str, ...]) -> tuple[Path, 
     cached and of the cache format. -> the path and the settings"""
     settings = {"format": CACHE_FORMAT, **{k: getattr(args, k) for k in fields}}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return Path(args.output_dir) / folder / f"{args.env}-{args.dataset}-s{args.seed}-{key}.pt", settings
+    name = f"{args.env}-{args.dataset.replace('/', '-')}-s{args.seed}-{key}.pt"
+    return Path(args.output_dir) / folder / name, settings
 
 
 def cached(path: Path, settings: dict, parts: dict, train: Callable[[], None]) -> bool:

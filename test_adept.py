@@ -78,10 +78,10 @@ def test_help_without_warnings_and_every_field_documented():
 
 
 def test_offline_official_dataset_fails_with_a_short_message():
-    r = run_cli("--dataset", "medium", "--no-world-model")
+    r = run_cli("--dataset", "mujoco/hopper/medium-v0", "--no-world-model")
     assert r.returncode == 2
     assert "mujoco/hopper/medium-v0" in r.stderr and "MINARI_DATASETS_PATH" in r.stderr
-    assert "--dataset random" in r.stderr and "Traceback" not in r.stderr
+    assert "--dataset random, medium or medium-replay" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("argv, expect", [
@@ -123,7 +123,7 @@ def test_a_corrupt_official_dataset_is_a_user_error(tmp_path, monkeypatch):
     make_official_dataset("mujoco/hopper/medium-v0", refs=(-20.0, 3000.0))
     (tmp_path / "mujoco/hopper/medium-v0/data/main_data.hdf5").write_bytes(b"not an hdf5 file")
     with pytest.raises(adept.UserError, match="unreadable.*download it again"):
-        adept.load_transitions(Args(dataset="medium"))
+        adept.load_transitions(Args(dataset="mujoco/hopper/medium-v0"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -453,7 +453,7 @@ def test_a_corrupt_world_model_cache_is_retrained(tmp_path, data):
 def make_official_dataset(ds_id: str, refs: tuple[float, float] | None, size: int = 300) -> None:
     """A dataset under an official Minari id in the current store, with the metadata Minari's official MuJoCo sets
     carry (algorithm, author, code link, eval env, requirements, and the reference scores unless refs is None)."""
-    episodes = adept.collect_random_episodes("hopper", size, ds_id)
+    episodes = adept.to_episodes(adept.collect("hopper", size, ds_id))
     scores = {"ref_min_score": refs[0], "ref_max_score": refs[1]} if refs else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -467,7 +467,7 @@ def make_official_dataset(ds_id: str, refs: tuple[float, float] | None, size: in
 def test_official_dataset_loads_end_to_end_with_its_reference_scores(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
     make_official_dataset("mujoco/hopper/medium-v0", refs=(-19.5, 3100.0))
-    s = adept.main(tiny(tmp_path, dataset="medium", total_steps=20))
+    s = adept.main(tiny(tmp_path, dataset="mujoco/hopper/medium-v0", total_steps=20))
     assert s["reference_returns"] == {"random": -19.5, "expert": 3100.0, "source": "dataset metadata"}
     assert s["normalized_score"] == pytest.approx(100 * (s["return"] + 19.5) / (3100.0 + 19.5))
     assert s["counts"]["world_model_pretrain_steps"] == 50 and s["counts"]["iwu_updates"] == 20
@@ -478,8 +478,8 @@ def test_official_dataset_without_reference_scores_falls_back_to_d4rl(tmp_path, 
     """Minari issue #323: some official sets lack the reference scores; D4RL's are used and the summary says so."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
     make_official_dataset("mujoco/hopper/medium-v0", refs=None)
-    adept.main(tiny(tmp_path, dataset="medium", world_model=False, total_steps=20))
-    summary = json.loads((tmp_path / "hopper-medium-sac-s0/summary.json").read_text())
+    adept.main(tiny(tmp_path, dataset="mujoco/hopper/medium-v0", world_model=False, total_steps=20))
+    summary = json.loads((tmp_path / "hopper-mujoco-hopper-medium-v0-sac-s0/summary.json").read_text())
     assert summary["reference_returns"] == {"random": -20.272305, "expert": 3234.3, "source": "D4RL"}
 
 
@@ -813,3 +813,89 @@ def test_ablation_report_pairs_seeds_and_draws_the_curves(tmp_path, data, capsys
     diffs = [scores["adept-sac", s] - scores["sac", s] for s in (0, 1)]
     assert f"| SAC | {diffs[0]:+.1f}, {diffs[1]:+.1f} | {np.mean(diffs):+.1f} |" in text
     assert "| ADEPT-SAC | 2 | 60 |" in text and (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's other datasets, built locally: medium-replay and medium (tiny budgets)
+# ---------------------------------------------------------------------------------------------------------------
+MEDIUM = dict(medium_return=-1e6, online_eval_every=100, online_steps_cap=1000, log_every=10**6)  # stops at 100
+
+
+def test_medium_replay_holds_the_learners_transitions_and_medium_comes_from_its_policy(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    replay, refs = adept.load_transitions(Args(dataset="medium-replay", **MEDIUM))
+    assert refs["source"] == "dataset metadata" and refs["random"] == -20.272305
+    learner = tmp_path / "adept/hopper/.medium-learner-return-1000000-eval100"
+    with np.load(learner / "replay.npz") as z:  # what the learner collected until it stopped, in order
+        assert len(z["s"]) == len(replay["s"]) == 100  # the first evaluation reached the (tiny) target
+        for k in replay:
+            np.testing.assert_array_equal(z[k], replay[k])
+    # episodes split where the simulator ended them; the one open at the stop is cut as a truncation
+    ends = replay["terminal"] + replay["timeout"] > 0
+    np.testing.assert_array_equal(replay["s_next"][:-1][~ends[:-1]], replay["s"][1:][~ends[:-1]])
+    assert replay["timeout"][-1] == 1 and not (replay["terminal"] * replay["timeout"]).any()
+    assert not (replay["s"][1:][ends[:-1]] == replay["s_next"][:-1][ends[:-1]]).all(1).any()  # a reset follows
+    ds = minari.load_dataset("adept/hopper/medium-replay-return-1000000-eval100-v0")
+    assert ds.total_episodes == ends.sum()
+    recipe = json.loads(ds.storage.metadata["adept_recipe"])
+    assert recipe["environment_steps"] == 100 and recipe["warmup_random_steps"] == 50
+    assert recipe["dataset"] == "medium-replay" and recipe["medium_return"] == -1e6
+    assert recipe["reached_return"] == recipe["evaluations"][-1][1]
+    # the learner's actions after the warm-up are its own, not uniform: they are exactly tanh-squashed samples
+    assert np.abs(replay["a"][50:]).max() < 1 and replay["a"].shape == (100, 3)
+
+    medium, _ = adept.load_transitions(Args(dataset="medium", dataset_size=300, **MEDIUM))
+    policy_file = torch.load(tmp_path / "adept/hopper/medium-policy-return-1000000-eval100.pt", weights_only=False)
+    actor = adept.TanhGaussianActor(11, 3, policy_file["hidden"])
+    actor.load_state_dict(policy_file["actor"])
+    with adept.own_stream(adept.DATA_SEED, "medium data hopper", torch.device("cpu")):
+        again = adept.collect("hopper", 300, "check", actor)  # the saved policy, acting again, makes the same data
+    for k in ("s", "a", "r", "s_next", "terminal", "timeout"):
+        np.testing.assert_allclose(medium[k], again[k].astype(np.float32), rtol=1e-6, err_msg=k)
+    recipe = json.loads(minari.load_dataset("adept/hopper/medium-300-return-1000000-eval100-v0")
+                        .storage.metadata["adept_recipe"])
+    assert recipe["dataset"] == "medium" and recipe["behavior_actions"] == "sampled"
+
+
+def test_medium_learner_resumes_after_a_kill_and_stops_at_its_cap(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    never = dict(MEDIUM, medium_return=1e6)
+    code = ("import adept; adept.load_transitions(adept.Args(dataset='medium-replay', medium_return=1e6, "
+            "online_eval_every=100, online_steps_cap=10**6, log_every=10**6))")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, env=dict(os.environ), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "adept/hopper/.medium-learner-return1000000-eval100/checkpoint.pt"
+    for _ in range(600):
+        if checkpoint.exists() or p.poll() is not None:
+            break
+        import time
+        time.sleep(0.1)
+    p.kill()
+    p.wait()
+    first = torch.load(checkpoint, weights_only=False)
+    assert first["step"] >= 100
+    with pytest.raises(adept.UserError, match="did not reach the return 1000000 within --online-steps-cap"):
+        adept.load_transitions(Args(dataset="medium-replay", **dict(never, online_steps_cap=first["step"] + 100)))
+    assert f"resumed from {checkpoint} at step {first['step']}" in capsys.readouterr().out
+    later = torch.load(checkpoint, weights_only=False)
+    assert later["step"] == first["step"] + 100
+    n = first["step"]
+    for k in ("s", "a", "r", "s_next", "terminal"):  # the transitions before the kill are kept as they were
+        np.testing.assert_array_equal(later["transitions"][k][:n], first["transitions"][k])
+    assert later["transitions"]["timeout"][n - 1] == 1 - later["transitions"]["terminal"][n - 1]  # cut episode
+
+
+def test_dataset_names_and_mismatched_env():
+    assert adept.dataset_id(Args(dataset="medium-replay")) == "adept/hopper/medium-replay-v0"
+    assert adept.dataset_id(Args(dataset="medium", env="walker2d")) == "adept/walker2d/medium-1000000-v0"
+    assert adept.dataset_id(Args(dataset="expert")) == "mujoco/hopper/expert-v0"
+    assert adept.dataset_id(Args(dataset="mujoco/hopper/simple-replay-v0")) == "mujoco/hopper/simple-replay-v0"
+    with pytest.raises(adept.UserError, match="replay"):
+        adept.check_args(Args(dataset="replay"))
+
+
+def test_a_dataset_of_another_env_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    make_official_dataset("mujoco/hopper/expert-v0", refs=(0.0, 1.0))
+    with pytest.raises(adept.UserError, match="halfcheetah"):
+        adept.load_transitions(Args(env="halfcheetah", dataset="mujoco/hopper/expert-v0"))
