@@ -161,6 +161,9 @@ class Args:
     is_exponent: float = 1.0
     """lambda, tempered weights w ~ (pi_phi/pi_D)^lambda: 1 is Eq. 3; 0 keeps training the model on D with w = 1
     at the same schedule (the control for "more model training")"""
+    clip: bool = True
+    """clip generated states and rewards to the data's range (Sec. 4.1); --no-clip is Appendix C's ablation (the
+    clamp of the predicted x_0 at the sampler's earlier steps stays: it is part of its numerics)"""
     iwu_lr: float | None = None
     """learning rate of the importance-sampled update (default: --lr)"""
     is_resample_pool: int = 0
@@ -618,6 +621,7 @@ class WorldModel(nn.Module):
         super().__init__()
         self.s_dim, self.K = s_dim, K
         self.guidance_weight, self.cond_drop_prob = guidance_weight, cond_drop_prob
+        self.clip = True  # generated states and rewards clipped to the data's range (Sec. 4.1); False: --no-clip
         self.t_embed = nn.Embedding(K, t_dim)  # learned timestep embedding, one vector per k
         # input: x_k, condition (s, a) or zeros, a flag saying whether the condition is present, embed(k)
         self.noise_net = mlp(s_dim + (s_dim + a_dim) + 1 + t_dim, s_dim, hidden, depth, nn.SiLU)
@@ -673,17 +677,19 @@ class WorldModel(nn.Module):
             ab = self.alpha_bar[k - 1]
             # mu_theta of Eq. 1, written through the predicted x_0. Clipping x_0 to the data's range keeps the first
             # steps stable: with alpha_bar_K ~ 2e-5, Eq. 1 multiplies eps errors by 1/sqrt(alpha_K) ~ 32.
-            x0 = ((x - (1 - ab).sqrt() * e) / ab.sqrt()).clamp(self.s_lo, self.s_hi)
-            x = self.post_c0[k - 1] * x0 + self.post_ck[k - 1] * x
+            x0 = (x - (1 - ab).sqrt() * e) / ab.sqrt()
+            if k > 1 or self.clip:  # at k = 1 the sample is x_0 itself: this is the clip of Sec. 4.1 (--no-clip)
+                x0 = x0.clamp(self.s_lo, self.s_hi)
+            x = self.post_c0[k - 1] * x0 + self.post_ck[k - 1] * x  # k = 1: post_c0 = 1, post_ck = 0, so x = x_0
             if k > 1:
                 x = x + self.post_var[k - 1].sqrt() * torch.randn_like(x)
-        return x.clamp(self.s_lo, self.s_hi)  # generated states clipped to the data's range (Sec. 4.1)
+        return x  # the generated state, in the data's range unless --no-clip
 
     @torch.no_grad()
     def reward_terminal(self, s, a, s_next):
         """r_hat clipped to the data's reward range (Sec. 4.1), terminal d = sigmoid(logit) > 1/2. -> (B,), (B,)"""
         r, d_logit = self.reward_terminal_logits(s, a, s_next)
-        return r.clamp(self.r_lo, self.r_hi), d_logit > 0
+        return (r.clamp(self.r_lo, self.r_hi) if self.clip else r), d_logit > 0
 
 
 def weighted_loss(l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -929,6 +935,7 @@ def main(args: Args) -> dict:
               [gym.make(ENVS[args.env].gym_id) for _ in range(args.eval_episodes)], RunLog(args))
     if args.world_model:  # Initialize M_{theta,eta} with D and pi_D: IWU(pi_D, D, theta, eta), cached on disk
         run.wm, run.wm_opt, run.log.counts["world_model_pretrain_steps"] = pretrained_world_model(args, D, device)
+        run.wm.clip = args.clip
         run.pi_D = behavior_policy(args, D, device)
         D.data["log_pi_D"] = log_behavior_density(run.pi_D, D)
         run.D_hat = Buffer(args.model_buffer_size, s_dim, a_dim, device)
@@ -971,13 +978,14 @@ def run_name(args: Args) -> str:
     """<env>-<dataset>-[adept-|diff-]<agent>[-<IWU settings that differ from the defaults>]-s<seed>"""
     if args.run_name:
         return args.run_name
-    mode, iwu = "" if not args.world_model else ("adept-" if args.importance_sampling else "diff-"), ""
+    mode, suffix = "" if not args.world_model else ("adept-" if args.importance_sampling else "diff-"), ""
+    suffix += "-noclip" if args.world_model and not args.clip else ""
     if args.world_model and args.importance_sampling:
-        iwu += f"-{args.behavior_density}" if args.behavior_density != "fitted" else ""
-        iwu += f"-lambda{args.is_exponent:g}" if args.is_exponent != 1 else ""
-        iwu += f"-iwulr{args.iwu_lr:g}" if args.iwu_lr is not None else ""
-        iwu += f"-pool{args.is_resample_pool}" if args.is_resample_pool else ""
-    return f"{args.env}-{args.dataset.replace('/', '-')}-{mode}{args.agent}{iwu}-s{args.seed}"
+        suffix += f"-{args.behavior_density}" if args.behavior_density != "fitted" else ""
+        suffix += f"-lambda{args.is_exponent:g}" if args.is_exponent != 1 else ""
+        suffix += f"-iwulr{args.iwu_lr:g}" if args.iwu_lr is not None else ""
+        suffix += f"-pool{args.is_resample_pool}" if args.is_resample_pool else ""
+    return f"{args.env}-{args.dataset.replace('/', '-')}-{mode}{args.agent}{suffix}-s{args.seed}"
 
 
 # ==================================================================================================================
@@ -1492,7 +1500,7 @@ RUN_ONLY = {  # Args fields that do not shape what is cached (a test checks that
     "iql_temperature", "eval_every", "eval_episodes", "log_every", "world_model", "importance_sampling",
     "guidance_weight", "horizon", "rollout_every", "rollout_batch_size", "model_buffer_size", "model_ratio",
     "is_batch_size", "iwu_every", "is_max_weight", "is_self_normalize", "is_exponent", "iwu_lr", "is_resample_pool",
-    "diag_samples", "sim_check_states", "online_steps_cap"}
+    "diag_samples", "sim_check_states", "online_steps_cap", "clip"}
 
 
 def cache_path(args: Args, folder: str, fields: tuple[str, ...]) -> tuple[Path, dict]:

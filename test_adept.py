@@ -406,6 +406,26 @@ def test_rollouts_have_the_right_shapes_respect_clipping_and_stop_at_terminals()
     assert out["valid"][:, 0].all() and not out["valid"][:, 1:].any()
 
 
+def test_no_clip_lets_rollouts_leave_the_data_range():
+    """--no-clip (Appendix C's ablation): generated states and rewards leave the data's range only without the
+    clip; with it, they never do (the test above)."""
+    torch.manual_seed(0)
+    wm = adept.WorldModel(4, 2, hidden=16)
+    wm.set_ranges(torch.tensor([[-0.1, -0.2, 0.0, -0.3], [0.1, 0.2, 0.5, 0.3]]), torch.tensor([-1.0, 2.0]))
+    with torch.no_grad():
+        wm.reward_net[-1].weight.zero_(), wm.reward_net[-1].bias.copy_(torch.tensor([5.0, -100.0]))
+    pi, s0 = adept.TanhGaussianActor(4, 2, 16), torch.randn(32, 4)
+    inside = lambda out: ((out["s_next"] >= wm.s_lo) & (out["s_next"] <= wm.s_hi)).all()  # noqa: E731
+    torch.manual_seed(1)
+    clipped = adept.rollout(wm, pi, s0, horizon=6)
+    wm.clip = False
+    torch.manual_seed(1)
+    free = adept.rollout(wm, pi, s0, horizon=6)
+    assert inside(clipped) and (clipped["r"] == 2.0).all()
+    assert not inside(free) and (free["r"] == 5.0).all()
+    assert adept.run_name(Args(clip=False)) == "hopper-random-adept-sac-noclip-s0"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ADEPT end to end
 # ---------------------------------------------------------------------------------------------------------------
