@@ -140,10 +140,11 @@ def main(cli) -> Path:
         name = f"sac{budget}"
         targs = dataclasses.replace(args, agent="sac", world_model=False, total_steps=budget, eval_every=budget,
                                     output_dir=str(out / "targets"), run_name=name, threads=cli.threads)
-        summary_path = Path(targs.output_dir) / name / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else adept.main(targs)
+        run_dir = Path(targs.output_dir) / name  # its checkpoint is not committed: a new machine trains it again
+        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "checkpoint.pt").exists() \
+            else adept.main(targs)
         agent = adept.SAC(data["s"].shape[1], data["a"].shape[1], targs, device)
-        ck = torch.load(Path(targs.output_dir) / name / "checkpoint.pt", map_location="cpu", weights_only=False)
+        ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
         agent.load_state_dict(ck["agent"])
         targets[name] = agent.actor
         with adept.own_stream(cli.seed, "study eps_pi", device):
