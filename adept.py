@@ -15,6 +15,8 @@ then 10. dataset building and caches, 11. progress and checkpoint I/O, 12. the c
     python adept.py --env hopper --dataset random --agent sac                    # ADEPT-SAC
     python adept.py --env hopper --dataset random --agent sac --no-importance-sampling   # Diff+SAC
     python adept.py --env hopper --dataset random --agent sac --no-world-model   # SAC alone
+    python adept.py --env hopper --dataset random --agent sac --is-exponent 0    # the w = 1 control
+    python adept.py --env hopper --dataset medium-replay --agent iql             # built locally on first use
 """
 
 from __future__ import annotations
@@ -800,15 +802,15 @@ def importance_sampled_update(wm: WorldModel, opt, pi: Policy, D: Buffer, args: 
     weighted loss. With --is-resample-pool N, the B_m transitions are drawn from a pool of N in proportion to their
     weights instead, and weigh equally. Draws from its own generator, so that the policy's random stream does not
     depend on it. -> the loss, and the effective sample size of the weights"""
+    b = D.sample(args.is_resample_pool or args.is_batch_size, generator)
+    with torch.no_grad():  # the weights carry no gradient
+        log_pi = pi.log_prob(b["s"], b["a"])
     if args.is_resample_pool:
-        pool = D.sample(args.is_resample_pool, generator)
-        w = importance_weights(pi.log_prob(pool["s"], pool["a"]), pool["log_pi_D"], math.inf, True, args.is_exponent)
+        w = importance_weights(log_pi, b["log_pi_D"], math.inf, True, args.is_exponent)
         idx = torch.multinomial(w, args.is_batch_size, replacement=True, generator=generator)  # (B_m,) ~ w
-        return world_model_update(wm, opt, {k: v[idx] for k, v in pool.items()}, None, generator), \
+        return world_model_update(wm, opt, {k: v[idx] for k, v in b.items()}, None, generator), \
             effective_sample_size(w)
-    b = D.sample(args.is_batch_size, generator)
-    w = importance_weights(pi.log_prob(b["s"], b["a"]), b["log_pi_D"], args.is_max_weight, args.is_self_normalize,
-                           args.is_exponent)
+    w = importance_weights(log_pi, b["log_pi_D"], args.is_max_weight, args.is_self_normalize, args.is_exponent)
     return world_model_update(wm, opt, b, w, generator), effective_sample_size(w)
 
 
