@@ -859,7 +859,7 @@ class RunLog:
     def steps_per_second(self) -> float:
         return self.timed_steps / self.train_seconds if self.train_seconds else float("nan")
 
-    def mean_ess(self) -> float:
+    def take_mean_ess(self) -> float:  # and start a new window
         mean = torch.stack(self.ess).mean().item() if self.ess else float("nan")
         self.ess = []
         return mean
@@ -1096,7 +1096,7 @@ def evaluate_and_checkpoint(run: Run, step: int) -> None:
             obs = run.normalizer.inverse(b["s"][: args.sim_check_states]).cpu().numpy()
             row.update(simulator_errors(run.wm, run.agent.actor, run.normalizer, run.envs[0], obs, args.horizon,
                                         ENVS[args.env].clips_velocity))
-        row["is_ess"] = log.mean_ess()  # of the IWU batches since the last evaluation (none for Diff+)
+        row["is_ess"] = log.take_mean_ess()  # of the IWU batches since the last evaluation (none for Diff+)
     log.record(row)
     write_csv(run.dir / "metrics.csv", METRICS + DIAGNOSTICS, log.history)
     log.counts["checkpoints"] += 1
