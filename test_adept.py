@@ -833,6 +833,8 @@ def test_ablation_report_pairs_seeds_and_draws_the_curves(tmp_path, data, capsys
     diffs = [scores["adept-sac", s] - scores["sac", s] for s in (0, 1)]
     assert f"| SAC | {diffs[0]:+.1f}, {diffs[1]:+.1f} | {np.mean(diffs):+.1f} |" in text
     assert "| ADEPT-SAC | 2 | 60 |" in text and (tmp_path / "ablation.png").stat().st_size > 10_000
+    assert report.arm_and_seed("hopper-medium-replay", "hopper-medium-replay-adept-sac-s2") == ("adept-sac", 2)
+    assert report.arm_and_seed("hopper-random", "hopper-random-adept-sac-lambda0-s1") == ("adept-sac-lambda0", 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

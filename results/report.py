@@ -97,7 +97,14 @@ def _arm_order(arm: str) -> int:
 
 
 ABLATION_ARMS = {"adept-sac": "ADEPT-SAC", "adept-sac-lambda0": "w = 1 control (--is-exponent 0)",
-                 "diff-sac": "Diff+SAC", "sac": "SAC"}
+                 "diff-sac": "Diff+SAC", "sac": "SAC", "iql": "IQL"}
+
+
+def arm_and_seed(folder: str, run: str) -> tuple[str, int]:
+    """Run folder name <env>-<dataset>-<arm>-s<seed> inside the folder <env>-<dataset> -> (arm, seed); the dataset
+    may hold dashes (medium-replay)."""
+    arm, seed = run.removeprefix(folder + "-").rsplit("-s", 1)
+    return arm, int(seed)
 
 
 def ablation(folder: Path, png: Path | None) -> None:
@@ -105,8 +112,8 @@ def ablation(folder: Path, png: Path | None) -> None:
     for metrics in sorted(folder.glob("*/metrics.csv")):
         if not (metrics.parent / "summary.json").exists():  # finished runs only
             continue
-        arm, seed = metrics.parent.name.split("-", 2)[2].rsplit("-s", 1)
-        runs[arm][int(seed)] = read_csv(metrics)
+        arm, seed = arm_and_seed(folder.name, metrics.parent.name)
+        runs[arm][seed] = read_csv(metrics)
     score = {arm: {s: float(np.mean([r["normalized_score"] for r in rows[-3:]])) for s, rows in seeds.items()}
              for arm, seeds in runs.items()}
     arms = [a for a in ABLATION_ARMS if a in runs] + [a for a in runs if a not in ABLATION_ARMS]
