@@ -1152,6 +1152,9 @@ def atomic_write(path: Path, write: Callable) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() gives, so others sharing a cache can read it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -533,6 +533,20 @@ def test_two_runs_building_the_same_dataset_and_world_model_at_once_both_succeed
     assert not list((tmp_path / "store").glob(".build-*")) and not list((tmp_path / "runs").rglob("*.tmp"))
 
 
+def test_atomic_write_replaces_whole_files_with_the_usual_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        adept.atomic_write(tmp_path / "a" / "f.bin", lambda f: f.write(b"one"))
+        adept.atomic_write(tmp_path / "a" / "f.bin", lambda f: f.write(b"two"))
+        with pytest.raises(ZeroDivisionError):
+            adept.atomic_write(tmp_path / "a" / "f.bin", lambda f: f.write(b"half") and 1 / 0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / "f.bin").read_bytes() == b"two"  # the failed write left the old file, and no temp
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.bin"]
+    assert (tmp_path / "a" / "f.bin").stat().st_mode & 0o777 == 0o640  # 0666 minus the umask, as open() gives
+
+
 def test_a_build_killed_midway_is_rebuilt_by_the_next_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     p = subprocess.Popen([sys.executable, "-u", "-c", "import adept; adept.load_transitions(adept.Args(dataset_size=50000))"],
