@@ -923,6 +923,9 @@ def main(args: Args) -> dict:
     run_dir = Path(args.output_dir) / run_name(args)
     if args.resume and not (run_dir / "checkpoint.pt").exists():
         raise UserError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
+    if not args.resume and (run_dir / "checkpoint.pt").exists():  # never train over a run's results unasked
+        raise UserError(f"{run_dir} already holds a run: --resume continues it (or, finished, does nothing), "
+                        "--run-name names a new one, or delete the folder to start it over")
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"device: {device} | run folder: {run_dir}", flush=True)
 

@@ -236,6 +236,12 @@ def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, ag
     resumed = adept.main(tiny(tmp_path, agent=agent, world_model=False, total_steps=60, resume=True))
     assert resumed["counts"]["policy_updates"] == 60 and resumed["counts"]["evaluations"] == 3
     assert [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [20, 40, 60]
+    if agent == "sac":  # the same command again does not train over the results; --resume of a finished run keeps them
+        with pytest.raises(adept.UserError, match="already holds a run"):
+            adept.main(tiny(tmp_path, agent=agent, world_model=False, total_steps=60))
+        again = adept.main(tiny(tmp_path, agent=agent, world_model=False, total_steps=60, resume=True))
+        assert again["counts"]["policy_updates"] == 60 and again["normalized_score"] == resumed["normalized_score"]
+        assert [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [20, 40, 60]
 
 
 def test_resume_continues_exactly(tmp_path, data):
