@@ -832,6 +832,10 @@ def test_is_study_writes_every_cell_and_skips_written_ones(tmp_path, monkeypatch
     report.study(tmp_path / "out", "hopper", tmp_path / "study.png")
     text = capsys.readouterr().out
     assert "| eq3 | 1 |" in text and "| ceiling | 1 |" in text and (tmp_path / "study.png").stat().st_size > 10_000
+    eq3 = cells["sac20__eq3"]  # measured at 0, 10, 20 of 20 updates: the second half is the last measurement
+    assert report.late_mean(report.read_csv(out / "sac20__eq3.csv"), "pe_return_error") == \
+        pytest.approx(float(eq3[-1]["pe_return_error"]))
+    assert report.late_mean([{"updates": u, "e": u} for u in (0, 2, 4, 6, 8)], "e") == 7.0  # the models at 6 and 8
 
 
 def test_ablation_report_pairs_seeds_and_draws_the_curves(tmp_path, data, capsys):
