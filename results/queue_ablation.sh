@@ -3,7 +3,8 @@
 # the world model pretrained for 100k steps and pi_D fitted for 20k (shared by the arms of a seed through the
 # caches), one thread per run. ARMS picks and orders a subset ("adept control diff sac"). A run that was stopped
 # resumes from its checkpoint, a finished one is left as it is (--resume first; a fresh run where there is none).
-# Runs a frozen copy of the code (SRC, a worktree of one commit), so that editing adept.py meanwhile changes nothing; each run's metrics.csv and summary.json land in results/ablation/<env>-random/.
+# Runs a frozen copy of the code (SRC, a worktree of one commit), so that editing adept.py meanwhile changes nothing;
+# each run's metrics.csv and summary.json land in results/ablation/<env>-random/.
 #     SRC=/tmp/src-<commit> bash results/queue_ablation.sh hopper 50000 "0 1 2"
 set -u
 env=$1 steps=$2 seeds=$3
