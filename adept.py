@@ -951,6 +951,9 @@ def main(args: Args) -> dict:
     adapt = args.world_model and args.importance_sampling
 
     start = load_checkpoint(run_dir / "checkpoint.pt", run) if args.resume else 0
+    if start >= args.total_steps and (run_dir / "summary.json").exists():  # a finished run: keep what it wrote
+        print(f"{run_dir} already finished {start} steps: nothing to do", flush=True)
+        return json.loads((run_dir / "summary.json").read_text())
     log.start(start)
     for step in range(start + 1, args.total_steps + 1):
         log.step_begins()

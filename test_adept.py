@@ -241,6 +241,7 @@ def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, ag
             adept.main(tiny(tmp_path, agent=agent, world_model=False, total_steps=60))
         again = adept.main(tiny(tmp_path, agent=agent, world_model=False, total_steps=60, resume=True))
         assert again["counts"]["policy_updates"] == 60 and again["normalized_score"] == resumed["normalized_score"]
+        assert again["wall_seconds"] == resumed["wall_seconds"]  # its summary kept, not rewritten with no training
         assert [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [20, 40, 60]
 
 
