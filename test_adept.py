@@ -640,7 +640,7 @@ def test_a_cached_world_model_that_does_not_fit_is_retrained_as_on_a_miss(tmp_pa
     ck["wm"]["noise_net.0.weight"] = torch.zeros(3, 3)  # a file of other code, with other shapes, under this key
     torch.save(ck, cache)
     capsys.readouterr()
-    again = adept.main(tiny(tmp_path, total_steps=20))
+    again = adept.main(tiny(tmp_path, total_steps=20, run_name="again"))  # the cache is the same
     assert "does not load" in capsys.readouterr().out and again["counts"]["world_model_pretrain_steps"] == 50
     # retrained from the fresh networks, so the run equals one that never had a cache (no half-loaded weights)
     assert again["normalized_score"] == clean["normalized_score"] and again["eps_m"] == clean["eps_m"]
