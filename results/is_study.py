@@ -49,7 +49,7 @@ def parse(argv=None):
     p.add_argument("--dataset-size", type=int, default=1_000_000)
     p.add_argument("--world-model-steps", type=int, default=100_000)
     p.add_argument("--behavior-steps", type=int, default=20_000)
-    p.add_argument("--target-steps", type=int, nargs=2, default=[5_000, 50_000], help="SAC budgets of the targets")
+    p.add_argument("--target-steps", type=int, nargs=2, default=[2_000, 50_000], help="SAC budgets of the targets")
     p.add_argument("--updates", type=int, default=20_000, help="model updates per arm")
     p.add_argument("--every", type=int, default=2_000, help="measure every this many updates")
     p.add_argument("--states", type=int, default=300, help="start states of each measurement")
