@@ -3,7 +3,7 @@ under the policy it is adapted to?
 
 For one environment and seed (the seed fixes the pretrained model, pi_D, the target policies and the minibatches):
 - the world model pretrained as a run pretrains it, and pi_D fitted as a run fits it (the same caches);
-- two fixed target policies: SAC trained offline on the dataset (no world model) for two budgets;
+- two fixed target policies: SAC trained offline on the dataset (no world model) for two budgets (2k and 50k);
 - arms, each the same number of model updates at B_m from the same pretrained model, on the same minibatches:
   frozen (no update); w1 (w = 1, the control); eq3 (Eq. 3 with the fitted pi_D); eq3_uniform (Eq. 3 with the
   exact uniform pi_D); lambda0.5 (tempered weights); lr3e-5 (Eq. 3 at a smaller learning rate); resample (weighted
