@@ -833,6 +833,10 @@ def test_is_study_writes_every_cell_and_skips_written_ones(tmp_path, monkeypatch
     report.study(tmp_path / "out", "hopper", tmp_path / "study.png")
     text = capsys.readouterr().out
     assert "| eq3 | 1 |" in text and "| ceiling | 1 |" in text and (tmp_path / "study.png").stat().st_size > 10_000
+    w1, eq3_rows = report.read_csv(out / "sac20__w1.csv"), report.read_csv(out / "sac20__eq3.csv")
+    d = [report.late_mean(eq3_rows, e) - report.late_mean(w1, e) for e in report.HEADLINE]
+    below = int(all(x < 0 for x in d))
+    assert f"| eq3 | 1 | {d[0]:+.3f} | {d[1]:+.3f} | {below} of 1 |" in text  # eq3 minus the control, seed 0
     eq3 = cells["sac20__eq3"]  # measured at 0, 10, 20 of 20 updates: the second half is the last measurement
     assert report.late_mean(report.read_csv(out / "sac20__eq3.csv"), "pe_return_error") == \
         pytest.approx(float(eq3[-1]["pe_return_error"]))

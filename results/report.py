@@ -5,8 +5,9 @@
 
 study: per target policy and arm, each error averaged over the measurements of the second half of the updates (the
     models after 12k, 14k, ..., 20k of 20k updates: one model's error swings by about +-30% from one measurement to
-    the next, as SGD moves it), mean +- std over seeds, and its change against the frozen model (paired by seed); the
-    figure has one panel per (target, error), one line per arm.
+    the next, as SGD moves it), mean +- std over seeds, and its change against the frozen model (paired by seed);
+    then each arm minus the w = 1 control per seed, on the H-step errors under the target policy. The figure has one
+    panel per (target, error), one line per arm.
 ablation: per arm, each run scored by the mean of its last 3 evaluations; mean +- std over seeds, a 95% percentile
     bootstrap interval over seeds (10,000 resamples, fixed seed), the best run; and the paired difference ADEPT -
     each control, per seed and with its interval. The figure: learning curves and the simulator-measured model
@@ -26,6 +27,7 @@ import numpy as np  # noqa: E402
 
 ERRORS = ("onpolicy_state_error_h", "pe_return_error", "onpolicy_state_error", "dataset_state_error",
           "dataset_reward_error")
+HEADLINE = ("onpolicy_state_error_h", "pe_return_error")  # the errors PE depends on: under the policy, H steps
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -74,6 +76,20 @@ def study(folder: Path, env: str, png: Path | None) -> None:
             ess = [late_mean(rows, "batch_ess") for rows in runs.values()]
             print(f"| {arm} | {len(runs)} | " + " | ".join(parts) + f" | {np.nanmean(ess):.3f} |"
                   if not np.all(np.isnan(ess)) else f"| {arm} | {len(runs)} | " + " | ".join(parts) + " | - |")
+        print()
+        # The question of the study: does an update beat the w = 1 control (more model training without weights)?
+        w1 = cells.get((target, "w1"), {})
+        print(f"target {target}, each arm minus the w = 1 control, per seed (negative: more accurate than w = 1)\n")
+        print("| arm | seeds | " + " | ".join(HEADLINE) + " | seeds below w = 1 (both errors) |")
+        print("|---|---|" + "---|" * (len(HEADLINE) + 1))
+        for arm in arms:
+            runs = {s: rows for s, rows in cells.get((target, arm), {}).items() if s in w1}
+            if arm == "w1" or not runs:
+                continue
+            d = {e: [late_mean(rows, e) - late_mean(w1[s], e) for s, rows in sorted(runs.items())] for e in HEADLINE}
+            below = sum(all(d[e][i] < 0 for e in HEADLINE) for i in range(len(runs)))
+            print(f"| {arm} | {len(runs)} | " + " | ".join(", ".join(f"{x:+.3f}" for x in d[e]) for e in HEADLINE)
+                  + f" | {below} of {len(runs)} |")
         print()
     if png:
         shown = ERRORS[:3]
