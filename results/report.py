@@ -48,6 +48,11 @@ def late_mean(rows: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in rows if r["updates"] > half]))
 
 
+def paired_change(runs: dict, reference: dict, key: str) -> list[float]:
+    """Per seed (in order), late_mean of `key` in a run minus that of the reference run of the same seed."""
+    return [late_mean(rows, key) - late_mean(reference[s], key) for s, rows in sorted(runs.items()) if s in reference]
+
+
 def study(folder: Path, env: str, png: Path | None) -> None:
     cells = defaultdict(dict)  # (target label, arm) -> seed -> rows
     for csv_path in sorted(folder.glob(f"{env}-random-s*/*__*.csv")):
@@ -70,7 +75,7 @@ def study(folder: Path, env: str, png: Path | None) -> None:
             parts = []
             for e in ERRORS:
                 late = np.array([late_mean(rows, e) for rows in runs.values()])
-                delta = [late_mean(rows, e) - late_mean(frozen[s], e) for s, rows in runs.items() if s in frozen]
+                delta = paired_change(runs, frozen, e)
                 change = f" ({np.mean(delta):+.3g})" if arm != "frozen" and delta else ""
                 parts.append(f"{late.mean():.3g} +- {late.std():.2g}{change}")
             ess = [late_mean(rows, "batch_ess") for rows in runs.values()]
@@ -83,13 +88,13 @@ def study(folder: Path, env: str, png: Path | None) -> None:
         print("| arm | seeds | " + " | ".join(HEADLINE) + " | seeds below w = 1 (both errors) |")
         print("|---|---|" + "---|" * (len(HEADLINE) + 1))
         for arm in arms:
-            runs = {s: rows for s, rows in cells.get((target, arm), {}).items() if s in w1}
-            if arm == "w1" or not runs:
+            d = {e: paired_change(cells.get((target, arm), {}), w1, e) for e in HEADLINE}
+            n = len(d[HEADLINE[0]])
+            if arm == "w1" or not n:
                 continue
-            d = {e: [late_mean(rows, e) - late_mean(w1[s], e) for s, rows in sorted(runs.items())] for e in HEADLINE}
-            below = sum(all(d[e][i] < 0 for e in HEADLINE) for i in range(len(runs)))
-            print(f"| {arm} | {len(runs)} | " + " | ".join(", ".join(f"{x:+.3f}" for x in d[e]) for e in HEADLINE)
-                  + f" | {below} of {len(runs)} |")
+            below = sum(all(d[e][i] < 0 for e in HEADLINE) for i in range(n))
+            print(f"| {arm} | {n} | " + " | ".join(", ".join(f"{x:+.3f}" for x in d[e]) for e in HEADLINE)
+                  + f" | {below} of {n} |")
         print()
     if png:
         shown = ERRORS[:3]
