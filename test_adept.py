@@ -842,6 +842,14 @@ def test_is_study_writes_every_cell_and_skips_written_ones(tmp_path, monkeypatch
         pytest.approx(float(eq3[-1]["pe_return_error"]))
     assert report.late_mean([{"updates": u, "e": u} for u in (0, 2, 4, 6, 8)], "e") == 7.0  # the models at 6 and 8
 
+    range_check = _results_module("range_check")
+    share, excess = range_check.outside(np.array([[0.0, 0.0], [0.0, 3.0]]), np.array([-1.0, -1.0]),
+                                        np.array([1.0, 1.0]), np.array([1.0, 2.0]))
+    assert share == 0.5 and excess == 1.0  # the second state is 2 beyond the range in a dimension of std 2
+    shares = range_check.main(["--env", "hopper", "--seed", "0", "--study", str(tmp_path / "out"), "--dataset-size",
+                               "2000", "--states", "50", "--hidden", "32"])
+    assert set(shares) == {"sac20", "sac40"} and all(0 <= s <= 1 and e >= 0 for s, e in shares.values())
+
 
 def test_ablation_report_pairs_seeds_and_draws_the_curves(tmp_path, data, capsys):
     for seed in (0, 1):
