@@ -49,9 +49,9 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
                           torch.device("cpu"))
         agent.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["agent"])
         obs = is_study.visited_states(agent.actor, normalizer, cli.env, cli.states, cli.seed)
-        result[run_dir.name] = outside(obs, np.asarray(lo), np.asarray(hi), np.asarray(std))
-        print(f"{cli.env} seed {cli.seed} {run_dir.name}: {result[run_dir.name][0]:.1%} of {cli.states} visited states "
-              f"outside D's range, by {result[run_dir.name][1]:.2f} stds on average in those dimensions")
+        share, excess = result[run_dir.name] = outside(obs, lo, hi, std)
+        print(f"{cli.env} seed {cli.seed} {run_dir.name}: {share:.1%} of {cli.states} visited states outside D's "
+              f"range, by {excess:.2f} stds on average in those dimensions")
     return result
 
 
