@@ -81,6 +81,13 @@ def visited_states(policy, normalizer, env_name: str, n: int, seed: int, noise: 
     return out if keep_transitions else out["s"]
 
 
+def load_target(run_dir: Path, args: adept.Args, data: dict) -> adept.SAC:
+    """A target policy: the SAC agent of a finished offline run, from its checkpoint."""
+    agent = adept.SAC(data["s"].shape[1], data["a"].shape[1], args, torch.device("cpu"))
+    agent.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["agent"])
+    return agent
+
+
 def usable(obs: np.ndarray, env_name: str) -> np.ndarray:
     """Drop observations whose velocities sit at the observation's +-10 clip (set_state cannot reproduce them)."""
     if not adept.ENVS[env_name].clips_velocity:
@@ -143,9 +150,7 @@ def main(cli) -> Path:
         run_dir = Path(targs.output_dir) / name  # its checkpoint is not committed: a new machine trains it again
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "checkpoint.pt").exists() \
             else adept.main(targs)
-        agent = adept.SAC(data["s"].shape[1], data["a"].shape[1], targs, device)
-        ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-        agent.load_state_dict(ck["agent"])
+        agent = load_target(run_dir, targs, data)
         targets[name] = agent.actor
         with adept.own_stream(cli.seed, "study eps_pi", device):
             b = D.sample(16384)

@@ -7,7 +7,6 @@ share of its visited states with a dimension outside D's range, and by how much 
     python results/range_check.py --env halfcheetah --seed 1
 """
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -45,10 +44,8 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     normalizer = adept.Normalizer(data["s"].mean(0), std)
     result = {}
     for run_dir in sorted((Path(cli.study) / f"{cli.env}-random-s{cli.seed}" / "targets").iterdir()):
-        agent = adept.SAC(data["s"].shape[1], data["a"].shape[1], dataclasses.replace(args, world_model=False),
-                          torch.device("cpu"))
-        agent.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["agent"])
-        obs = is_study.visited_states(agent.actor, normalizer, cli.env, cli.states, cli.seed)
+        actor = is_study.load_target(run_dir, args, data).actor
+        obs = is_study.visited_states(actor, normalizer, cli.env, cli.states, cli.seed)
         share, excess = result[run_dir.name] = outside(obs, lo, hi, std)
         print(f"{cli.env} seed {cli.seed} {run_dir.name}: {share:.1%} of {cli.states} visited states outside D's "
               f"range, by {excess:.2f} stds on average in those dimensions")
