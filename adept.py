@@ -67,13 +67,15 @@ class Args:
     """seed of the networks, batches and evaluation episodes (the random dataset has its own fixed seed)"""
     cuda: bool = True
     """use CUDA when it is available"""
-    threads: int = 0
-    """torch CPU threads (0: torch's default); give each of several parallel runs 1"""
+    threads: int = 1
+    """torch CPU threads (0: torch's default, all cores). 1 because, measured on 2 cores (bench/threads.sh), 2
+    threads made a step 1.3-1.4x faster alone but 2.4-2.6x slower beside one other busy process"""
     output_dir: str = "runs"
     """runs go to <output-dir>/<run-name>/, pretrained world models to <output-dir>/world_models/"""
     run_name: str = ""
-    """run folder name (empty: <env>-<dataset>-<adept|diff>-<agent>-s<seed>, or without the middle part when
-    --no-world-model)"""
+    """run folder name; empty: <env>-<dataset>-[adept-|diff-]<agent>[-<settings>]-s<seed>, the middle part left out
+    under --no-world-model, and <settings> the flags that differ from the paper's: -noclip, -uniform or -gaussian
+    (--behavior-density), -lambda<x> (--is-exponent), -iwulr<x> (--iwu-lr), -pool<n> (--is-resample-pool)"""
     resume: bool = False
     """continue the run in the run folder from its checkpoint"""
 
@@ -81,8 +83,8 @@ class Args:
     dataset_size: int = 1_000_000
     """transitions in a locally built `random` or `medium` dataset (D4RL's hold 1M)"""
     medium_return: float | None = None
-    """return at which the online learner that makes `medium` and `medium-replay` counts as medium (default: a
-    third of the way from D4RL's random to its expert return, D4RL's medium level)"""
+    """return at which the online learner that makes `medium` and `medium-replay` counts as medium; None: a third
+    of the way from D4RL's random to its expert return, D4RL's medium level"""
     online_steps_cap: int = 1_000_000
     """environment steps after which the online learner gives up if it has not reached the medium return"""
     online_eval_every: int = 5000
@@ -167,7 +169,7 @@ class Args:
     """clip generated states and rewards to the data's range (Sec. 4.1); --no-clip is Appendix C's ablation (the
     clamp of the predicted x_0 at the sampler's earlier steps stays: it is part of its numerics)"""
     iwu_lr: float | None = None
-    """learning rate of the importance-sampled update (default: --lr)"""
+    """learning rate of the importance-sampled update; None: --lr"""
     is_resample_pool: int = 0
     """0: off. N > 0: each IWU draws N dataset transitions, weighs them, and draws its B_m transitions from them
     with replacement, in proportion to the (self-normalized, untruncated) weights; the loss weighs them equally"""
@@ -265,7 +267,10 @@ class Buffer:
         return {k: v[idx] for k, v in self.data.items()}
 
     def state_dict(self) -> dict:
-        return {"ptr": self.ptr, "size": self.size, **{k: v[: self.size].cpu() for k, v in self.data.items()}}
+        # A copy of the filled rows only: on the CPU, v[:size].cpu() is a view, and torch.save writes the view's
+        # whole storage (the buffer's full capacity).
+        return {"ptr": self.ptr, "size": self.size,
+                **{k: v[: self.size].to("cpu", copy=True) for k, v in self.data.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
         for k in self.FIELDS:
@@ -833,6 +838,7 @@ class RunLog:
         self.counts = dict.fromkeys(COUNTS, 0)
         self.history: list[dict] = []
         self.t_start, self.total, self.log_every = time.perf_counter(), args.total_steps, args.log_every
+        self.wall_before = 0.0  # wall seconds of a resumed run's earlier processes, up to its checkpoint
         self.train_seconds, self.timed_steps = 0.0, 0
         self.rollout_seconds, self.rolled = 0.0, 0
         self.ess = []  # effective sample sizes of the IWU batches since the last evaluation
@@ -856,6 +862,9 @@ class RunLog:
             self.timed_steps += 1
         self.progress.update(step, losses)
 
+    def wall_seconds(self) -> float:  # of the whole run, across resumes
+        return self.wall_before + time.perf_counter() - self.t_start
+
     def steps_per_second(self) -> float:
         return self.timed_steps / self.train_seconds if self.train_seconds else float("nan")
 
@@ -871,11 +880,13 @@ class RunLog:
               flush=True)
 
     def state_dict(self) -> dict:
-        return {"counts": dict(self.counts), "history": list(self.history)}
+        return {"counts": dict(self.counts), "history": list(self.history), "wall_seconds": self.wall_seconds()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.counts.update(sd["counts"])
         self.history = list(sd["history"])
+        # checkpoints of earlier versions lack the key: their last evaluation's wall time is the nearest figure
+        self.wall_before = sd.get("wall_seconds", self.history[-1]["wall_seconds"] if self.history else 0.0)
 
 
 @dataclass
@@ -926,7 +937,6 @@ def main(args: Args) -> dict:
     if not args.resume and (run_dir / "checkpoint.pt").exists():  # never train over a run's results unasked
         raise UserError(f"{run_dir} already holds a run: --resume continues it (or, finished, does nothing), "
                         "--run-name names a new one, or delete the folder to start it over")
-    run_dir.mkdir(parents=True, exist_ok=True)
     print(f"device: {device} | run folder: {run_dir}", flush=True)
 
     # Normalize the dataset D (states z-scored with the dataset's statistics, Sec. 4.1)
@@ -950,6 +960,7 @@ def main(args: Args) -> dict:
     wm, wm_opt, D_hat, log = run.wm, run.wm_opt, run.D_hat, run.log
     adapt = args.world_model and args.importance_sampling
 
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now that the run can start: a failed start leaves no folder
     start = load_checkpoint(run_dir / "checkpoint.pt", run) if args.resume else 0
     if start >= args.total_steps and (run_dir / "summary.json").exists():  # a finished run: keep what it wrote
         print(f"{run_dir} already finished {start} steps: nothing to do", flush=True)
@@ -1090,7 +1101,7 @@ def evaluate_and_checkpoint(run: Run, step: int) -> None:
     scores = normalized_score(returns, run.refs["random"], run.refs["expert"])
     row = {"step": step, "return": returns.mean(), "return_std": returns.std(), "normalized_score": scores.mean(),
            "normalized_score_std": scores.std(), "train_steps_per_second": log.steps_per_second(),
-           "wall_seconds": time.perf_counter() - log.t_start}
+           "wall_seconds": log.wall_seconds()}
     if run.wm is not None:
         # The same transitions (and sampler noise) at every evaluation and in every arm of a seed: the measurements
         # are paired, and leave the run's own random stream alone.
@@ -1124,12 +1135,14 @@ def write_summary(run: Run) -> dict:
         "return": final["return"], "return_std": final["return_std"], "reference_returns": run.refs,
         "train_steps_per_second": log.steps_per_second(),
         "rollout_transitions_per_second": log.rolled / log.rollout_seconds if log.rollout_seconds else None,
-        "wall_seconds": time.perf_counter() - log.t_start, "device": str(run.device), "counts": log.counts,
+        "wall_seconds": log.wall_seconds(), "device": str(run.device), "counts": log.counts,
         **{k: final.get(k) for k in DIAGNOSTICS}, "args": dataclasses.asdict(args),
     }
     atomic_write(run.dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    n = min(3, len(log.history))
     print(f"final normalized score {summary['normalized_score']:.1f} +- {summary['normalized_score_std']:.1f} "
-          f"(mean of last 3 evaluations {summary['normalized_score_last3']:.1f}); wrote {run.dir / 'summary.json'}")
+          f"(mean of the last {n} evaluation{'s' if n > 1 else ''} {summary['normalized_score_last3']:.1f}); wrote "
+          f"{run.dir / 'summary.json'}")
     return summary
 
 
@@ -1143,7 +1156,11 @@ def file_lock(path: Path):
     """Hold an exclusive lock on `path` for the block; other processes wait. The OS drops it if the process dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process holds it: say so, then wait
+            print(f"waiting for another process that holds {path} (it builds what this run needs)", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -1441,9 +1458,12 @@ def read_dataset(ds_id: str, path: Path) -> tuple[dict[str, np.ndarray], dict]:
     stamp = json.dumps([FLAT_FORMAT] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
     flat = path / "transitions.npz"
     if flat.exists():
-        with np.load(flat) as z:
-            if str(z["stamp"]) == stamp:
-                return {k: z[k] for k in z.files if k != "stamp"}, ds.storage.metadata
+        try:
+            with np.load(flat) as z:
+                if str(z["stamp"]) == stamp:
+                    return {k: z[k] for k in z.files if k != "stamp"}, ds.storage.metadata
+        except Exception as e:  # a damaged copy: Minari's files are the record, so the copy is rebuilt from them
+            print(f"{flat} is unreadable ({type(e).__name__}); rebuilding it from the Minari dataset", flush=True)
     data = flatten(ds.iterate_episodes())
     atomic_write(flat, lambda f: np.savez(f, stamp=stamp, **data))
     return data, ds.storage.metadata
@@ -1470,7 +1490,7 @@ def load_transitions(args: Args) -> tuple[dict[str, np.ndarray], dict]:
                         into_store(ds_id, lambda: minari.download_dataset(ds_id))
                     except Exception as e:
                         raise UserError(
-                            f"dataset {ds_id} is not in the local Minari store ({path.parent}, set by "
+                            f"dataset {ds_id} is not in the local Minari store ({minari.storage.get_dataset_path()}, set by "
                             f"MINARI_DATASETS_PATH) and could not be downloaded ({type(e).__name__}). Download it where "
                             "there is network, or use --dataset random, medium or medium-replay, which are built "
                             "locally in the simulator and work offline.") from None
@@ -1580,10 +1600,11 @@ def behavior_policy(args: Args, D: Buffer, device) -> Policy:
 # 11. Progress and checkpoint I/O
 # ==================================================================================================================
 class Progress:
-    """Prints `[name] step/total | rate/s | ETA | values` every `every` steps; the rate is windowed."""
+    """Prints `[name] step/total | rate/s | ETA | values` every `every` steps, and at least 10 times in a phase;
+    the rate is windowed."""
 
     def __init__(self, name: str, total: int, every: int, start: int = 0):
-        self.name, self.total, self.every = name, total, max(1, every)
+        self.name, self.total, self.every = name, total, max(1, min(every, (total - start) // 10))
         self.restart(start)
 
     def restart(self, step: int) -> None:  # begin a new window (after a pause such as an evaluation)
@@ -1648,8 +1669,25 @@ def load_checkpoint(path: Path, run: Run) -> int:
 # ==================================================================================================================
 # 12. Command-line entry
 # ==================================================================================================================
+def parse_args(argv: list[str] | None = None) -> Args:
+    """tyro's parser, with its framed error box (an unknown --env, say) folded into one line: `error: ...`, exit 2."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args, args=argv)
+    except SystemExit as e:
+        if e.code:  # tyro's box: strip its frame, keep the message, drop the pointer to --help
+            lines = [ln.strip(" │╭╮╰╯─\n") for ln in err.getvalue().splitlines()]
+            msg = " ".join(ln for ln in lines[1:] if ln and not ln.startswith("For full helptext"))
+            msg = msg.split(" Argument helptext:")[0]
+            print(f"error: {msg or err.getvalue().strip()} (see --help)", file=sys.stderr)
+            raise SystemExit(2) from None
+        sys.stderr.write(err.getvalue())
+        raise
+
+
 if __name__ == "__main__":
-    cli_args = tyro.cli(Args)
+    cli_args = parse_args()
     try:
         main(cli_args)
     except UserError as err:

@@ -77,20 +77,45 @@ def test_help_without_warnings_and_every_field_documented():
         assert isinstance(nxt, ast.Expr) and isinstance(nxt.value.value, str), body[i].target.id
 
 
-def test_offline_official_dataset_fails_with_a_short_message():
-    r = run_cli("--dataset", "mujoco/hopper/medium-v0", "--no-world-model")
+def test_offline_official_dataset_fails_with_a_short_message(tmp_path):
+    r = run_cli("--dataset", "mujoco/hopper/medium-v0", "--no-world-model", "--output-dir", str(tmp_path))
     assert r.returncode == 2
-    assert "mujoco/hopper/medium-v0" in r.stderr and "MINARI_DATASETS_PATH" in r.stderr
+    assert f"mujoco/hopper/medium-v0 is not in the local Minari store ({os.environ['MINARI_DATASETS_PATH']}, set by " \
+           "MINARI_DATASETS_PATH)" in r.stderr
     assert "--dataset random, medium or medium-replay" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no run folder for a run that could not start
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
+    make_official_dataset("mujoco/hopper/expert-v0", refs=(0.0, 1.0))
+    for kw in (dict(dataset="mujoco/hopper/medium-v0"), dict(env="halfcheetah", dataset="mujoco/hopper/expert-v0")):
+        args = tiny(tmp_path / "runs", world_model=False, **kw)  # a dataset not there; one of another env
+        with pytest.raises(adept.UserError):
+            adept.main(args)
+        assert not (tmp_path / "runs" / adept.run_name(args)).exists()
+
+
+def test_help_has_one_default_per_option_and_names_the_run_name_suffixes():
+    r = run_cli("--help")
+    blocks = r.stdout.split("│ --")[1:]
+    assert len(blocks) > 50 and all(b.count("(default") <= 1 for b in blocks), \
+        [b.split()[0] for b in blocks if b.count("(default") > 1]
+    run_name = next(b for b in blocks if b.startswith("run-name"))
+    for suffix in ("-noclip", "-lambda", "-iwulr", "-pool"):
+        assert suffix in run_name, suffix
 
 
 @pytest.mark.parametrize("argv, expect", [
     (["--env", "ant"], "ant"), (["--agent", "td3"], "td3"), (["--dataset", "replay"], "replay"),
     (["--total-steps", "-5"], "--total-steps must be positive"), (["--batch-size", "0"], "--batch-size"),
+    (["--total-steps", "abc"], "--total-steps"),
 ])
-def test_bad_input_exits_nonzero_without_traceback(argv, expect):
+def test_bad_input_is_a_short_error_with_exit_code_2(argv, expect):
     r = run_cli(*argv)
-    assert r.returncode != 0 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) <= 2 and lines[0].startswith("error: ") and "│" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("field, value", [("total_steps", 0), ("batch_size", -1), ("eval_episodes", 0),
@@ -116,6 +141,46 @@ def test_a_corrupt_local_dataset_is_rebuilt(tmp_path, monkeypatch, capsys):
     assert "unreadable" in capsys.readouterr().out
     for k in first:
         np.testing.assert_array_equal(first[k], again[k])
+
+
+def test_a_corrupt_flat_copy_is_rebuilt_from_minari_without_collecting(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    args = Args(dataset_size=200)
+    first, _ = adept.load_transitions(args)
+    (tmp_path / "adept/hopper/random-200-v0/transitions.npz").write_bytes(b"not an npz file")
+    monkeypatch.setattr(adept, "collect", lambda *a, **k: pytest.fail("collected the dataset again"))
+    again, _ = adept.load_transitions(args)
+    assert "rebuilding it from the Minari dataset" in capsys.readouterr().out
+    for k in first:
+        np.testing.assert_array_equal(first[k], again[k])
+    with np.load(tmp_path / "adept/hopper/random-200-v0/transitions.npz") as z:  # and the copy is whole again
+        np.testing.assert_array_equal(z["s"], first["s"])
+
+
+def test_waiting_on_another_process_lock_prints_a_line(tmp_path, capsys):
+    import fcntl
+    import threading
+    lock = tmp_path / "build.lock"
+    with adept.file_lock(lock):  # free: no line
+        pass
+    assert "waiting" not in capsys.readouterr().out
+    with open(lock, "a") as other:  # another open file: flock treats it as another process's
+        fcntl.flock(other, fcntl.LOCK_EX)
+        threading.Timer(0.3, fcntl.flock, (other, fcntl.LOCK_UN)).start()
+        with adept.file_lock(lock):
+            pass
+    assert f"waiting for another process that holds {lock}" in capsys.readouterr().out
+
+
+def test_progress_prints_at_least_ten_lines_in_a_phase(capsys):
+    p = adept.Progress("short", 40, 1000)
+    for t in range(1, 41):
+        p.update(t)
+    assert capsys.readouterr().out.count("[short]") == 10
+    p = adept.Progress("long", 10_000, 1000)
+    for t in range(1, 10_001):
+        p.update(t)
+    assert capsys.readouterr().out.count("[long]") == 10
 
 
 def test_a_corrupt_official_dataset_is_a_user_error(tmp_path, monkeypatch):
@@ -218,8 +283,9 @@ def test_tanh_gaussian_sample_log_prob_agrees_with_log_prob():
 # Agents, end to end: training, evaluation, checkpoint, resume
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("agent", ["sac", "iql", "bc"])
-def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, agent):
+def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, agent, capsys):
     s = adept.main(tiny(tmp_path, agent=agent, world_model=False))
+    assert "(mean of the last 2 evaluations" in capsys.readouterr().out
     run = tmp_path / f"hopper-random-{agent}-s0"
     assert s["counts"]["policy_updates"] == 40 and s["counts"]["evaluations"] == 2
     assert s["counts"]["checkpoints"] == 2 and s["counts"]["rollouts"] == 0 and s["mode"] == "none"
@@ -259,6 +325,30 @@ def test_resume_continues_exactly(tmp_path, data):
             assert torch.equal(a[name], b[name]), name
     assert straight["normalized_score"] == resumed["normalized_score"]
     assert resumed["rollout_transitions_per_second"] > 0  # measured on this process's rollouts only
+
+
+def test_checkpoint_size_follows_the_rows_it_holds(tmp_path, data):
+    """D_hat is saved as its filled rows: a buffer of 200k rows' capacity holding ~300 makes no larger a file."""
+    sizes = {}
+    for cap in (1000, 200_000):  # 200k rows of hopper's 27 floats are 21.6 MB
+        adept.main(tiny(tmp_path / str(cap), model_buffer_size=cap))
+        ck = tmp_path / str(cap) / "hopper-random-adept-sac-s0/checkpoint.pt"
+        assert torch.load(ck, weights_only=False)["D_hat"]["s"].shape[0] < 1000
+        sizes[cap] = ck.stat().st_size
+    assert sizes[200_000] < 1.05 * sizes[1000], sizes
+
+
+def test_wall_time_continues_across_a_resume(tmp_path, data):
+    """A resumed run's wall time starts from the checkpoint's, not from 0: here the checkpoint says 1000 s."""
+    adept.main(tiny(tmp_path, total_steps=40, world_model=False))
+    path = tmp_path / "hopper-random-sac-s0/checkpoint.pt"
+    ck = torch.load(path, weights_only=False)
+    assert 0 < ck["wall_seconds"] < 1000
+    ck["wall_seconds"] = 1000.0
+    torch.save(ck, path)
+    s = adept.main(tiny(tmp_path, total_steps=60, world_model=False, resume=True))
+    walls = [float(r["wall_seconds"]) for r in csv.DictReader(open(tmp_path / "hopper-random-sac-s0/metrics.csv"))]
+    assert walls[1] < 1000 < walls[2] <= s["wall_seconds"] < 1000 + 300
 
 
 def _tensors(sd, prefix=""):
