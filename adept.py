@@ -173,6 +173,15 @@ class Args:
     is_resample_pool: int = 0
     """0: off. N > 0: each IWU draws N dataset transitions, weighs them, and draws its B_m transitions from them
     with replacement, in proportion to the (self-normalized, untruncated) weights; the loss weighs them equally"""
+    uncertainty_samples: int = 1
+    """N, next states the model draws for each (s, a) of a PE rollout, with independent sampler noises; N > 1
+    measures the model's uncertainty u(s, a) from their spread (README, detail 14). The rollout continues from the
+    first, which is the one N = 1 draws: with no penalty and no threshold, N > 1 makes the run N = 1 makes"""
+    uncertainty_penalty: float = 0.0
+    """lambda_u: D_hat stores the reward r - lambda_u u(s, a) (0: the paper's ADEPT; needs --uncertainty-samples > 1)"""
+    uncertainty_threshold: float | None = None
+    """None: off. A transition whose u(s, a) exceeds it is kept (penalized) and ends its rollout there, as a
+    truncation (the next state still bootstraps); needs --uncertainty-samples > 1"""
     diag_samples: int = 16384
     """dataset transitions for the return-gap diagnostics (eps_r, eps_m, eps_pi) at each evaluation: Eq. 3's weights
     concentrate on a few percent of them once the policy has moved, so they must be many"""
@@ -206,7 +215,12 @@ def check_args(args: Args) -> None:
         value = getattr(args, f.name)
         if f.type in ("int", int) and f.name not in ("seed", "threads", "is_resample_pool") and value <= 0:
             raise UserError(f"--{f.name.replace('_', '-')} must be positive, got {value}")
-    for name in ("threads", "is_resample_pool", "is_exponent"):
+    if args.uncertainty_samples == 1 and (args.uncertainty_penalty or args.uncertainty_threshold is not None):
+        raise UserError("--uncertainty-penalty and --uncertainty-threshold need --uncertainty-samples N > 1: u(s, a) "
+                        "is the spread of N model samples")
+    if args.uncertainty_threshold is not None and not args.uncertainty_threshold > 0:
+        raise UserError(f"--uncertainty-threshold must be positive, got {args.uncertainty_threshold}")
+    for name in ("threads", "is_resample_pool", "is_exponent", "uncertainty_penalty"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.iwu_lr is not None and not args.iwu_lr > 0:
@@ -672,11 +686,26 @@ class WorldModel(nn.Module):
     @torch.no_grad()
     def sample(self, s, a) -> torch.Tensor:
         """s' ~ P_theta(.|s, a) by K guided denoising steps (Eq. 1-2). (B, S), (B, A) -> (B, S), in the data's range."""
-        B = s.shape[0]
+        return self.sample_n(s, a)[0]
+
+    @torch.no_grad()
+    def sample_n(self, s, a, n: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n next states for each (s, a), denoised as one batch of n B rows. The first B draw their noise from torch's
+        generator, exactly as sample() does; the other (n - 1) B from `generator`, so that drawing more samples
+        leaves the run's random stream alone. (B, S), (B, A) -> (n, B, S)"""
+        b0 = s.shape[0]
+
+        def noise():  # (nB, S): the first B rows from torch's generator, the rest from `generator`
+            x = torch.randn(b0, self.s_dim, device=s.device)
+            if n == 1:
+                return x
+            return torch.cat([x, torch.randn((n - 1) * b0, self.s_dim, device=s.device, generator=generator)])
+
+        s, a, B = s.repeat(n, 1), a.repeat(n, 1), n * b0                   # the batch repeated n times: (nB, .)
         cond = torch.cat([s, a], -1).repeat(2, 1)                          # (2B, S + A): conditional rows, null rows
         has_cond = torch.cat([torch.ones(B, 1, device=s.device), torch.zeros(B, 1, device=s.device)])  # (2B, 1)
         omega = 1.0 + self.guidance_weight                                 # guidance weight of Eq. 2
-        x = torch.randn(B, self.s_dim, device=s.device)                   # x_K ~ N(0, I), (B, S)
+        x = noise()                                                        # x_K ~ N(0, I), (B, S)
         for k in range(self.K, 0, -1):
             kk = torch.full((2 * B,), k, device=s.device, dtype=torch.long)
             e_cond, e_null = self.eps_theta(x.repeat(2, 1), kk, cond, has_cond).chunk(2)  # (2B, S) -> 2 x (B, S)
@@ -689,8 +718,8 @@ class WorldModel(nn.Module):
                 x0 = x0.clamp(self.s_lo, self.s_hi)
             x = self.post_c0[k - 1] * x0 + self.post_ck[k - 1] * x  # k = 1: post_c0 = 1, post_ck = 0, so x = x_0
             if k > 1:
-                x = x + self.post_var[k - 1].sqrt() * torch.randn_like(x)
-        return x  # the generated state, in the data's range unless --no-clip
+                x = x + self.post_var[k - 1].sqrt() * noise()
+        return x.view(n, -1, self.s_dim)  # the generated states, in the data's range unless --no-clip
 
     @torch.no_grad()
     def reward_terminal(self, s, a, s_next):
@@ -731,32 +760,51 @@ def fit_behavior_policy(args: Args, D: Buffer, bc: BC) -> None:
 # ==================================================================================================================
 # 6. Policy evaluation in the model (Algorithm 1, PE): batched rollouts of H steps from random dataset states.
 # ==================================================================================================================
+def disagreement(samples: torch.Tensor) -> torch.Tensor:
+    """u(s, a) = || std_n s'_n ||_2: the per-dimension standard deviation of N model samples of the next state
+    (normalized units), its norm over the state's dimensions, as MOPO's max_i ||sigma_i(s, a)|| but from one
+    diffusion model's sampler noise instead of an ensemble (README, detail 14). (N, B, S) -> (B,)"""
+    return samples.std(0).norm(dim=-1)
+
+
 @torch.no_grad()
-def rollout(wm: WorldModel, policy: Policy, s0: torch.Tensor, horizon: int,
-            deterministic: bool = False) -> dict[str, torch.Tensor]:
+def rollout(wm: WorldModel, policy: Policy, s0: torch.Tensor, horizon: int, deterministic: bool = False,
+            n_samples: int = 1, penalty: float = 0.0, threshold: float | None = None,
+            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """a_t ~ pi(s_t), s_{t+1} by guided denoising, (r_t, d_t) = r_eta(s_t, a_t, s_{t+1}); a rollout stops at its
-    terminal. s0 (B, S) -> (B, H, .) tensors for each field of a transition, and `valid` (B, H), False for steps
-    after a terminal."""
-    out = {k: [] for k in Buffer.FIELDS}
+    terminal. With n_samples N > 1 the model also draws N - 1 more next states (from `generator`), u_t is their
+    spread with s_{t+1}'s, the reward is r_t - penalty u_t, and a rollout whose u_t passes the threshold stops
+    after step t as a truncation (d_t stays 0). s0 (B, S) -> (B, H, .) tensors for each field of a transition,
+    `u` (B, H) (0 for N = 1), `truncated` (B,), and `valid` (B, H), False for steps after a rollout stopped."""
+    out = {k: [] for k in (*Buffer.FIELDS, "u")}
     valid, alive = [], torch.ones(s0.shape[0], dtype=torch.bool, device=s0.device)
+    truncated = torch.zeros_like(alive)
     s = s0
     for _ in range(horizon):
         a = policy.act(s, deterministic)
-        s_next = wm.sample(s, a)
+        samples = wm.sample_n(s, a, n_samples, generator)  # (N, B, S)
+        s_next = samples[0]                                 # the rollout goes on from the first
+        u = disagreement(samples) if n_samples > 1 else torch.zeros(len(s), device=s.device)
         r, terminal = wm.reward_terminal(s, a, s_next)
-        for k, v in zip(Buffer.FIELDS, (s, a, r, s_next, terminal.float())):
+        for k, v in zip(out, (s, a, r - penalty * u, s_next, terminal.float(), u)):
             out[k].append(v)
         valid.append(alive)
-        alive = alive & ~terminal
+        stop = (u > threshold) & alive & ~terminal if threshold is not None else torch.zeros_like(alive)
+        truncated |= stop
+        alive = alive & ~terminal & ~stop
         s = s_next
-    return {**{k: torch.stack(v, 1) for k, v in out.items()}, "valid": torch.stack(valid, 1)}
+    return {**{k: torch.stack(v, 1) for k, v in out.items()}, "valid": torch.stack(valid, 1), "truncated": truncated}
 
 
-def policy_evaluation(wm: WorldModel, pi: Policy, D: Buffer, D_hat: Buffer, n_rollouts: int, horizon: int) -> int:
-    """D_hat <- D_hat U PE(M_{theta,eta}, pi): n rollouts from random states of D. -> transitions added."""
-    roll = rollout(wm, pi, D.sample(n_rollouts)["s"], horizon)
+def policy_evaluation(wm: WorldModel, pi: Policy, D: Buffer, D_hat: Buffer, args: Args,
+                      generator: torch.Generator | None = None) -> dict[str, float]:
+    """D_hat <- D_hat U PE(M_{theta,eta}, pi): --rollout-batch-size rollouts of H steps from random states of D.
+    -> transitions added, the sum of their u, and the rollouts truncated for uncertainty"""
+    roll = rollout(wm, pi, D.sample(args.rollout_batch_size)["s"], args.horizon, False, args.uncertainty_samples,
+                   args.uncertainty_penalty, args.uncertainty_threshold, generator)
     D_hat.add({k: roll[k][roll["valid"]] for k in Buffer.FIELDS})  # (n, H, .) -> (valid, .)
-    return int(roll["valid"].sum())
+    return {"transitions": int(roll["valid"].sum()), "u_sum": roll["u"][roll["valid"]].sum().item(),
+            "truncated": int(roll["truncated"].sum())}
 
 
 def policy_batch(D: Buffer, D_hat: Buffer | None, n: int, model_ratio: float) -> dict[str, torch.Tensor]:
@@ -828,6 +876,7 @@ METRICS = ("step", "return", "return_std", "normalized_score", "normalized_score
            "wall_seconds")
 DIAGNOSTICS = ("eps_r", "eps_m", "eps_pi", "return_gap_bound", "is_ess", "sim_state_error", "sim_reward_error",
                "sim_state_error_h", "sim_return_error_h", "sim_states")
+UNCERTAINTY = ("u_rollout", "truncated_share", "u_sim", "u_error_rank_corr", "u_mean_error_rank_corr")  # N > 1
 
 
 class RunLog:
@@ -842,6 +891,7 @@ class RunLog:
         self.train_seconds, self.timed_steps = 0.0, 0
         self.rollout_seconds, self.rolled = 0.0, 0
         self.ess = []  # effective sample sizes of the IWU batches since the last evaluation
+        self.pe_window = dict.fromkeys(("rollouts", "transitions", "u_sum", "truncated"), 0)  # PE since then
 
     def start(self, step: int) -> None:
         self.progress = Progress("train", self.total, self.log_every, step)
@@ -850,10 +900,18 @@ class RunLog:
     def step_begins(self) -> None:
         self.t_step = time.perf_counter()
 
-    def rollouts_done(self, n_rollouts: int, n_transitions: int, seconds: float) -> None:
+    def rollouts_done(self, n_rollouts: int, pe: dict, seconds: float) -> None:
         self.counts["rollouts"] += n_rollouts
-        self.counts["model_transitions"] += n_transitions
-        self.rollout_seconds, self.rolled = self.rollout_seconds + seconds, self.rolled + n_transitions
+        self.counts["model_transitions"] += pe["transitions"]
+        self.rollout_seconds, self.rolled = self.rollout_seconds + seconds, self.rolled + pe["transitions"]
+        for k, v in (("rollouts", n_rollouts), ("transitions", pe["transitions"]), ("u_sum", pe["u_sum"]),
+                     ("truncated", pe["truncated"])):
+            self.pe_window[k] += v
+
+    def take_pe_window(self) -> dict[str, float]:  # the mean u and the truncated share since the last evaluation
+        w, self.pe_window = self.pe_window, dict.fromkeys(self.pe_window, 0)
+        return {"u_rollout": w["u_sum"] / w["transitions"] if w["transitions"] else float("nan"),
+                "truncated_share": w["truncated"] / w["rollouts"] if w["rollouts"] else float("nan")}
 
     def step_ends(self, step: int, losses: dict) -> None:
         self.counts["policy_updates"] += 1
@@ -907,13 +965,15 @@ class Run:
     pi_D: Policy | None = None
     D_hat: Buffer | None = None
     iwu_generator: torch.Generator | None = None  # the IWU's own random stream
+    uncertainty_generator: torch.Generator | None = None  # the stream of PE's extra model samples (N > 1)
 
     def state_dict(self) -> dict:
         sd = {"agent": self.agent.state_dict(), **self.log.state_dict(), "normalizer": self.normalizer.state_dict(),
               "rng": rng_state(), "args": dataclasses.asdict(self.args)}
         if self.wm is not None:
             sd.update(wm=self.wm.state_dict(), wm_opt=self.wm_opt.state_dict(), pi_D=self.pi_D.state_dict(),
-                      D_hat=self.D_hat.state_dict(), iwu_rng=self.iwu_generator.get_state())
+                      D_hat=self.D_hat.state_dict(), iwu_rng=self.iwu_generator.get_state(),
+                      uncertainty_rng=self.uncertainty_generator.get_state())
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -923,6 +983,8 @@ class Run:
             self.wm.load_state_dict(sd["wm"]), self.wm_opt.load_state_dict(sd["wm_opt"])
             self.pi_D.load_state_dict(sd["pi_D"]), self.D_hat.load_state_dict(sd["D_hat"])
             self.iwu_generator.set_state(sd["iwu_rng"])
+            if "uncertainty_rng" in sd:  # checkpoints of earlier versions drew no extra samples
+                self.uncertainty_generator.set_state(sd["uncertainty_rng"])
             self.D.data["log_pi_D"] = log_behavior_density(self.pi_D, self.D)
         set_rng_state(sd["rng"])
 
@@ -955,6 +1017,7 @@ def main(args: Args) -> dict:
         D.data["log_pi_D"] = log_behavior_density(run.pi_D, D)
         run.D_hat = Buffer(args.model_buffer_size, s_dim, a_dim, device)
         run.iwu_generator = torch.Generator(device).manual_seed(seed_of(args.seed, "iwu"))
+        run.uncertainty_generator = torch.Generator(device).manual_seed(seed_of(args.seed, "uncertainty"))
         for group in run.wm_opt.param_groups:
             group["lr"] = args.iwu_lr or args.lr
     wm, wm_opt, D_hat, log = run.wm, run.wm_opt, run.D_hat, run.log
@@ -970,8 +1033,8 @@ def main(args: Args) -> dict:
         log.step_begins()
         if wm is not None and (step - 1) % args.rollout_every == 0:  # D_hat <- D_hat U PE(M_{theta,eta}, pi_phi)
             t = time.perf_counter()
-            n_new = policy_evaluation(wm, agent.actor, D, D_hat, args.rollout_batch_size, args.horizon)
-            log.rollouts_done(args.rollout_batch_size, n_new, time.perf_counter() - t)
+            pe = policy_evaluation(wm, agent.actor, D, D_hat, args, run.uncertainty_generator)
+            log.rollouts_done(args.rollout_batch_size, pe, time.perf_counter() - t)
         # Update phi with B ~ D U D_hat via the offline RL method
         losses = agent.update(policy_batch(D, D_hat, args.batch_size, args.model_ratio))
         if adapt and step % args.iwu_every == 0:  # IWU(pi_phi, D, theta, eta)
@@ -1004,6 +1067,10 @@ def run_name(args: Args) -> str:
         suffix += f"-lambda{args.is_exponent:g}" if args.is_exponent != 1 else ""
         suffix += f"-iwulr{args.iwu_lr:g}" if args.iwu_lr is not None else ""
         suffix += f"-pool{args.is_resample_pool}" if args.is_resample_pool else ""
+    if args.world_model:  # spelled out: -lambda is --is-exponent's, and IQL's tau is another thing again
+        suffix += f"-samples{args.uncertainty_samples}" if args.uncertainty_samples > 1 else ""
+        suffix += f"-upenalty{args.uncertainty_penalty:g}" if args.uncertainty_penalty else ""
+        suffix += f"-uthreshold{args.uncertainty_threshold:g}" if args.uncertainty_threshold is not None else ""
     return f"{args.env}-{args.dataset.replace('/', '-')}-{mode}{args.agent}{suffix}-s{args.seed}"
 
 
@@ -1054,13 +1121,17 @@ def return_gap_diagnostics(wm: WorldModel, pi: Policy, pi_D: Policy, b: dict, ga
 
 @torch.no_grad()
 def simulator_errors(wm: WorldModel, pi: Policy, normalizer: Normalizer, env, obs: np.ndarray, horizon: int,
-                     clips_velocity: bool) -> dict[str, float]:
+                     clips_velocity: bool, n_samples: int = 1, generator: torch.Generator | None = None
+                     ) -> dict[str, float]:
     """The model against the real simulator, under the current policy (deterministic actions). The simulator is put
     in the state each dataset observation describes (x position, which the observation omits and the dynamics do not
     depend on, set to 0); observations whose velocities sit at the +-10 clip are skipped. One-step RMSE of the state
     (normalized units) and of the reward; the state RMSE after H steps of each following the policy on its own; and
     the error that PE exists to keep small, |model H-step return - simulator H-step return| (undiscounted), on the
-    start states whose simulated episode lasts H steps."""
+    start states whose simulated episode lasts H steps. With n_samples N > 1, last (so that the rest is the same
+    with or without it): does the model's disagreement u(s, a) rank the states by its actual one-step error? The
+    mean u, and Spearman's correlation of u with the error of an (N+1)-th sample, which did not enter u, and with
+    the error of the mean of the N (errors as the norm over dimensions, normalized units)."""
     sim = env.unwrapped
     nq = sim.model.nq
     if clips_velocity:
@@ -1086,11 +1157,26 @@ def simulator_errors(wm: WorldModel, pi: Policy, normalizer: Normalizer, env, ob
     sim_r = torch.as_tensor(sim_r, device=device)
     reward_err = model_r[:, 0] - sim_r[:, 0]
     return_err = (model_r.sum(1) - sim_r.sum(1)).abs()  # (n,)
-    return {"sim_state_error": state_err[:, 0].mean().sqrt().item(),
+    extra = {}
+    if n_samples > 1:
+        s0 = normalizer(torch.as_tensor(obs, device=device))
+        sim_next = normalizer(torch.as_tensor(sim_s[:, 0], device=device))
+        samples = wm.sample_n(s0, pi.act(s0, True), n_samples + 1, generator)  # (N + 1, n, S)
+        u = disagreement(samples[:n_samples])
+        extra = {"u_sim": u.mean().item(),
+                 "u_error_rank_corr": rank_correlation(u, (samples[-1] - sim_next).norm(dim=-1)),
+                 "u_mean_error_rank_corr": rank_correlation(u, (samples[:n_samples].mean(0) - sim_next).norm(dim=-1))}
+    return {**extra, "sim_state_error": state_err[:, 0].mean().sqrt().item(),
             "sim_reward_error": (reward_err**2).mean().sqrt().item(),
             "sim_state_error_h": state_err[full, -1].mean().sqrt().item() if full.any() else float("nan"),
             "sim_return_error_h": return_err[full].mean().item() if full.any() else float("nan"),
             "sim_states": n}
+
+
+def rank_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rho of two (n,) samples: the Pearson correlation of their ranks (continuous data: no ties)."""
+    ranks = torch.stack([x.argsort().argsort(), y.argsort().argsort()]).double()
+    return torch.corrcoef(ranks)[0, 1].item()
 
 
 def evaluate_and_checkpoint(run: Run, step: int) -> None:
@@ -1111,11 +1197,14 @@ def evaluate_and_checkpoint(run: Run, step: int) -> None:
             row.update(return_gap_diagnostics(run.wm, run.agent.actor, run.pi_D, b, args.gamma, r_max,
                                               args.is_max_weight, args.is_self_normalize))
             obs = run.normalizer.inverse(b["s"][: args.sim_check_states]).cpu().numpy()
+            n, g = args.uncertainty_samples, torch.Generator(run.device).manual_seed(seed_of(args.seed, "u check"))
             row.update(simulator_errors(run.wm, run.agent.actor, run.normalizer, run.envs[0], obs, args.horizon,
-                                        ENVS[args.env].clips_velocity))
+                                        ENVS[args.env].clips_velocity, n, g))
         row["is_ess"] = log.take_mean_ess()  # of the IWU batches since the last evaluation (none for Diff+)
+        row.update(log.take_pe_window() if args.uncertainty_samples > 1 else {})
     log.record(row)
-    write_csv(run.dir / "metrics.csv", METRICS + DIAGNOSTICS, log.history)
+    write_csv(run.dir / "metrics.csv", METRICS + DIAGNOSTICS + (UNCERTAINTY if args.uncertainty_samples > 1 else ()),
+              log.history)
     log.counts["checkpoints"] += 1
     save_checkpoint(run.dir / "checkpoint.pt", step, run)
     log.progress.restart(step)  # keep evaluation time out of the windowed speed
@@ -1128,7 +1217,8 @@ def write_summary(run: Run) -> dict:
     summary = {
         "env": args.env, "dataset": args.dataset, "agent": args.agent, "seed": args.seed,
         "mode": "none" if not args.world_model else ("adept" if args.importance_sampling else "diff"),
-        **{k: getattr(args, k) for k in ("behavior_density", "is_exponent", "iwu_lr", "is_resample_pool")},
+        **{k: getattr(args, k) for k in ("behavior_density", "is_exponent", "iwu_lr", "is_resample_pool",
+                                         "uncertainty_samples", "uncertainty_penalty", "uncertainty_threshold")},
         "total_steps": args.total_steps, "normalized_score": final["normalized_score"],
         "normalized_score_std": final["normalized_score_std"],
         "normalized_score_last3": float(np.mean([h["normalized_score"] for h in log.history[-3:]])),
@@ -1136,7 +1226,8 @@ def write_summary(run: Run) -> dict:
         "train_steps_per_second": log.steps_per_second(),
         "rollout_transitions_per_second": log.rolled / log.rollout_seconds if log.rollout_seconds else None,
         "wall_seconds": log.wall_seconds(), "device": str(run.device), "counts": log.counts,
-        **{k: final.get(k) for k in DIAGNOSTICS}, "args": dataclasses.asdict(args),
+        **{k: final.get(k) for k in DIAGNOSTICS + UNCERTAINTY if k in final or k in DIAGNOSTICS},
+        "args": dataclasses.asdict(args),
     }
     atomic_write(run.dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
     n = min(3, len(log.history))
@@ -1531,7 +1622,8 @@ RUN_ONLY = {  # Args fields that do not shape what is cached (a test checks that
     "iql_temperature", "eval_every", "eval_episodes", "log_every", "world_model", "importance_sampling",
     "guidance_weight", "horizon", "rollout_every", "rollout_batch_size", "model_buffer_size", "model_ratio",
     "is_batch_size", "iwu_every", "is_max_weight", "is_self_normalize", "is_exponent", "iwu_lr", "is_resample_pool",
-    "diag_samples", "sim_check_states", "online_steps_cap", "clip"}
+    "diag_samples", "sim_check_states", "online_steps_cap", "clip", "uncertainty_samples", "uncertainty_penalty",
+    "uncertainty_threshold"}
 
 
 def cache_path(args: Args, folder: str, fields: tuple[str, ...]) -> tuple[Path, dict]:

@@ -503,6 +503,105 @@ def test_rollouts_have_the_right_shapes_respect_clipping_and_stop_at_terminals()
     assert out["valid"][:, 0].all() and not out["valid"][:, 1:].any()
 
 
+def test_uncertainty_is_zero_without_noise_and_grows_with_the_models_spread(toy_model):
+    s, a = torch.tensor([[1.0, -0.5]]).repeat(500, 1), torch.tensor([[0.8]]).repeat(500, 1)
+    g = torch.Generator().manual_seed(0)
+    point = adept.WorldModel(2, 1, hidden=16)
+    point.set_ranges(torch.full((1, 2), 0.3), torch.zeros(1))  # every sample clipped to one point: noise has no say
+    assert torch.equal(adept.disagreement(point.sample_n(s, a, 5, g)), torch.zeros(500))
+    torch.manual_seed(3)
+    u = adept.disagreement(toy_model.sample_n(s, a, 16, g))  # (500,), each from 16 samples
+    # || (sigma, sigma) || = 0.42 for the true conditional; the K = 10 sampler under-disperses (see the test above)
+    assert 0.5 * SIGMA_TOY * math.sqrt(2) < u.mean() < 1.2 * SIGMA_TOY * math.sqrt(2), u.mean()
+    toy_model.guidance_weight = -1.0  # the unconditional branch: the marginal of s', far wider
+    try:
+        u_wide = adept.disagreement(toy_model.sample_n(s, a, 16, g))
+    finally:
+        toy_model.guidance_weight = 0.1
+    assert u_wide.mean() > 2 * u.mean()
+
+
+def _uncertain_model():
+    torch.manual_seed(0)
+    wm = adept.WorldModel(4, 2, hidden=16)
+    wm.set_ranges(torch.tensor([[-1.0, -2.0, 0.0, -3.0], [1.0, 2.0, 5.0, 3.0]]), torch.tensor([-10.0, 10.0]))
+    with torch.no_grad():
+        wm.reward_net[-1].bias[1] = -100.0  # never terminal
+    return wm, adept.TanhGaussianActor(4, 2, 16), torch.randn(32, 4)
+
+
+def _seeded_rollout(wm, pi, s0, **kw):
+    torch.manual_seed(1)
+    return adept.rollout(wm, pi, s0, 6, generator=torch.Generator().manual_seed(2), **kw)
+
+
+def test_the_uncertainty_penalty_enters_the_model_reward_exactly():
+    wm, pi, s0 = _uncertain_model()
+    plain = _seeded_rollout(wm, pi, s0, n_samples=5)
+    penalized = _seeded_rollout(wm, pi, s0, n_samples=5, penalty=0.7)
+    assert (plain["u"] > 0).all() and torch.equal(penalized["u"], plain["u"])
+    assert torch.equal(penalized["r"], plain["r"] - 0.7 * plain["u"])
+    assert torch.equal(penalized["s_next"], plain["s_next"])
+    one = _seeded_rollout(wm, pi, s0)  # N = 1: the same states and rewards as N = 5's first samples, u = 0
+    assert torch.equal(one["s_next"], plain["s_next"]) and torch.equal(one["r"], plain["r"]) and not one["u"].any()
+    D_hat = adept.Buffer(1000, 4, 2, torch.device("cpu"))  # and D_hat stores the penalized reward
+    D = adept.Buffer(32, 4, 2, torch.device("cpu"))
+    D.add({"s": s0, "a": torch.zeros(32, 2), "r": torch.zeros(32), "s_next": s0, "terminal": torch.zeros(32)})
+    args = Args(rollout_batch_size=32, horizon=6, uncertainty_samples=5, uncertainty_penalty=0.7)
+    unpenalized = adept.Buffer(1000, 4, 2, torch.device("cpu"))
+    for penalty, buf in ((0.7, D_hat), (0.0, unpenalized)):
+        torch.manual_seed(1)
+        pe = adept.policy_evaluation(wm, pi, D, buf, dataclasses.replace(args, uncertainty_penalty=penalty),
+                                     torch.Generator().manual_seed(2))
+        assert pe["transitions"] == 32 * 6 and pe["truncated"] == 0 and pe["u_sum"] > 0
+    gap = unpenalized.data["r"][:192] - D_hat.data["r"][:192]
+    assert (gap > 0).all() and gap.sum().item() == pytest.approx(0.7 * pe["u_sum"], rel=1e-5)
+
+
+def test_the_uncertainty_threshold_truncates_rollouts_and_does_not_terminate_them():
+    wm, pi, s0 = _uncertain_model()
+    plain = _seeded_rollout(wm, pi, s0, n_samples=5)
+    cut = float(plain["u"][:, 0].median())  # half the rollouts pass it at their first step
+    out = _seeded_rollout(wm, pi, s0, n_samples=5, threshold=cut)
+    first = plain["u"][:, 0] > cut
+    assert torch.equal(out["truncated"][first], torch.ones(int(first.sum()), dtype=torch.bool))
+    assert out["valid"][:, 0].all() and not out["valid"][first, 1:].any()  # kept, and the rollout ends there
+    assert not out["terminal"].any()  # a truncation: the last next state still bootstraps
+    stop_at = (plain["u"] > cut).float().argmax(1)  # each rollout ends at its first step above the threshold
+    ever = (plain["u"] > cut).any(1)
+    assert torch.equal(out["valid"].sum(1)[ever], stop_at[ever] + 1) and out["valid"][~ever].all()
+    assert torch.equal(out["truncated"], ever)
+    assert not _seeded_rollout(wm, pi, s0, n_samples=5, threshold=1e9)["truncated"].any()
+
+
+def test_uncertainty_flags_need_several_samples_and_name_the_run():
+    for kw in (dict(uncertainty_penalty=1.0), dict(uncertainty_threshold=0.5)):
+        with pytest.raises(adept.UserError, match="--uncertainty-samples"):
+            adept.check_args(Args(**kw))
+    name = adept.run_name(Args(uncertainty_samples=5, uncertainty_penalty=0.5, uncertainty_threshold=2.0))
+    assert name == "hopper-random-adept-sac-samples5-upenalty0.5-uthreshold2-s0"
+    assert adept.run_name(Args(uncertainty_samples=5, is_exponent=0)) == "hopper-random-adept-sac-lambda0-samples5-s0"
+
+
+def test_several_samples_without_penalty_make_the_same_run_and_measure_u(tmp_path, data):
+    one = adept.main(tiny(tmp_path))
+    five = adept.main(tiny(tmp_path, uncertainty_samples=5))
+    assert five["uncertainty_samples"] == 5 and five["uncertainty_penalty"] == 0
+    cks = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)
+           for name in ("hopper-random-adept-sac-s0", "hopper-random-adept-sac-samples5-s0")]
+    for part in ("agent", "wm", "D_hat"):
+        a, b = dict(_tensors(cks[0][part])), dict(_tensors(cks[1][part]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    rows = [list(csv.DictReader(open(tmp_path / name / "metrics.csv")))
+            for name in ("hopper-random-adept-sac-s0", "hopper-random-adept-sac-samples5-s0")]
+    for r1, r5 in zip(*rows):  # every diagnostic the same when u is measured
+        for k in adept.DIAGNOSTICS + ("return", "normalized_score"):
+            assert r1[k] == r5[k], k
+        assert float(r5["u_rollout"]) > 0 and float(r5["u_sim"]) > 0 and float(r5["truncated_share"]) == 0
+        assert -1 <= float(r5["u_error_rank_corr"]) <= 1 and -1 <= float(r5["u_mean_error_rank_corr"]) <= 1
+        assert "u_rollout" not in r1
+
+
 def test_no_clip_lets_rollouts_leave_the_data_range():
     """--no-clip (Appendix C's ablation): generated states and rewards leave the data's range only without the
     clip; with it, they never do (the test above)."""
