@@ -54,7 +54,7 @@ import tyro
 # ==================================================================================================================
 @dataclass
 class Args:
-    # ---- experiment ----
+    # ---- the run: task, data, method and seed ----
     env: Literal["hopper", "halfcheetah", "walker2d"] = "hopper"
     """MuJoCo task, simulated by gymnasium's v5 environments"""
     dataset: str = "random"
@@ -65,34 +65,8 @@ class Args:
     """offline RL method that updates the policy pi_phi (Sec. 5: ADEPT wraps SAC or IQL; BC is ablation (3))"""
     seed: int = 0
     """seed of the networks, batches and evaluation episodes (the random dataset has its own fixed seed)"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-    threads: int = 1
-    """torch CPU threads (0: torch's default, all cores). 1 because, measured on 2 cores (bench/threads.sh), 2
-    threads made a step 1.3-1.4x faster alone but 2.4-2.6x slower beside one other busy process"""
-    output_dir: str = "runs"
-    """runs go to <output-dir>/<run-name>/, pretrained world models to <output-dir>/world_models/"""
-    run_name: str = ""
-    """run folder name; empty: <env>-<dataset>-[adept-|diff-]<agent>[-<settings>]-s<seed>, the middle part left out
-    under --no-world-model, and <settings> the flags that differ from the paper's: -noclip, -uniform or -gaussian
-    (--behavior-density), -lambda<x> (--is-exponent), -iwulr<x> (--iwu-lr), -pool<n> (--is-resample-pool)"""
-    resume: bool = False
-    """continue the run in the run folder from its checkpoint"""
-
-    # ---- data ----
-    dataset_size: int = 1_000_000
-    """transitions in a locally built `random` or `medium` dataset (D4RL's hold 1M)"""
-    medium_return: float | None = None
-    """return at which the online learner that makes `medium` and `medium-replay` counts as medium; None: a third
-    of the way from D4RL's random to its expert return, D4RL's medium level"""
-    online_steps_cap: int = 1_000_000
-    """environment steps after which the online learner gives up if it has not reached the medium return"""
-    online_eval_every: int = 5000
-    """environment steps between two evaluations (10 deterministic episodes) and checkpoints of the online learner"""
 
     # ---- offline RL (Table 3) ----
-    total_steps: int = 1_000_000
-    """policy gradient steps (Table 3: 1000 epochs x 1000 gradient steps)"""
     batch_size: int = 256
     """B_p, transitions per policy update (Table 3)"""
     lr: float = 3e-4
@@ -108,29 +82,12 @@ class Args:
     """IQL expectile tau (Table 3)"""
     iql_temperature: float = 3.0
     """IQL advantage temperature beta (Table 3)"""
-    eval_every: int = 5000
-    """evaluate in the real simulator (and write metrics and the checkpoint) every this many policy steps"""
-    eval_episodes: int = 10
-    """episodes per evaluation, deterministic actions"""
-    log_every: int = 1000
-    """print progress every this many steps"""
+    model_buffer_size: int = 1_000_000
+    """capacity of the model buffer D_hat (Table 3 replay buffer size)"""
+    model_ratio: float = 0.5
+    """fraction of each policy batch drawn from D_hat (the rest from D)"""
 
-    # ---- ADEPT: diffusion world model (Table 2) ----
-    world_model: bool = True
-    """train a world model and evaluate the policy in it (False: the agent alone on the dataset)"""
-    importance_sampling: bool = True
-    """adapt the world model to the policy with the importance-sampled update, Eq. 3 (False: Diff+<agent>,
-    a model trained once before policy learning)"""
-    world_model_steps: int = 1_000_000
-    """pretraining steps of the world model, Algorithm 1's initialisation IWU(pi_D) (Table 2)"""
-    world_model_batch_size: int = 256
-    """pretraining batch (Table 2 "train batchsize")"""
-    behavior_steps: int = 100_000
-    """BC steps that fit the behavior policy pi_D used in the importance weights"""
-    behavior_density: Literal["fitted", "uniform", "gaussian"] = "fitted"
-    """pi_D of Eq. 3: `fitted`, a Beta policy on the action box fitted by behavior cloning (it can represent the
-    uniform actions of random data); `uniform`, the exact density of the random data's generator (locally built
-    random datasets only); `gaussian`, the unbounded Gaussian of `--agent bc` (earlier versions' pi_D), to compare"""
+    # ---- diffusion world model (Table 2) ----
     denoising_steps: int = 10
     """K, denoising steps of the DDPM (Table 2)"""
     cosine_s: float = 1e-4
@@ -143,31 +100,42 @@ class Args:
     """classifier-free guidance w (Table 2); Eq. 2 is used with omega = 1 + w (Ho & Salimans), see README"""
     cond_drop_prob: float = 0.1
     """probability of dropping the condition (s, a) in training, so that one network also learns eps(x, null)"""
+    world_model_batch_size: int = 256
+    """pretraining batch (Table 2 "train batchsize")"""
+    is_batch_size: int = 1024
+    """B_m, dataset transitions per importance-sampled update (Table 2)"""
     horizon: int = 10
     """H, steps of a model rollout (Table 2)"""
+
+    # ---- Algorithm 1: which parts run, and their schedule ----
+    world_model: bool = True
+    """train a world model and evaluate the policy in it (False: the agent alone on the dataset)"""
+    importance_sampling: bool = True
+    """adapt the world model to the policy with the importance-sampled update, Eq. 3 (False: Diff+<agent>,
+    a model trained once before policy learning)"""
     rollout_every: int = 250
     """policy steps between two batched policy evaluations (PE) in the model"""
     rollout_batch_size: int = 250
     """rollouts per PE, from random dataset states; with --rollout-every 250 this is Algorithm 1's one rollout
     per policy step, batched"""
-    model_buffer_size: int = 1_000_000
-    """capacity of the model buffer D_hat (Table 3 replay buffer size)"""
-    model_ratio: float = 0.5
-    """fraction of each policy batch drawn from D_hat (the rest from D)"""
-    is_batch_size: int = 1024
-    """B_m, dataset transitions per importance-sampled update (Table 2)"""
     iwu_every: int = 1
     """policy steps between two importance-sampled world-model updates (Algorithm 1: after every policy update)"""
+    behavior_density: Literal["fitted", "uniform", "gaussian"] = "fitted"
+    """pi_D of Eq. 3: `fitted`, a Beta policy on the action box fitted by behavior cloning (it can represent the
+    uniform actions of random data); `uniform`, the exact density of the random data's generator (locally built
+    random datasets only); `gaussian`, the unbounded Gaussian of `--agent bc` (earlier versions' pi_D), to compare"""
     is_max_weight: float = 10.0
     """importance weights are truncated at this value (after self-normalization)"""
     is_self_normalize: bool = True
     """divide the weights by their batch mean (computed as a softmax in log space) before truncation"""
-    is_exponent: float = 1.0
-    """lambda, tempered weights w ~ (pi_phi/pi_D)^lambda: 1 is Eq. 3; 0 keeps training the model on D with w = 1
-    at the same schedule (the control for "more model training")"""
     clip: bool = True
     """clip generated states and rewards to the data's range (Sec. 4.1); --no-clip is Appendix C's ablation (the
     clamp of the predicted x_0 at the sampler's earlier steps stays: it is part of its numerics)"""
+
+    # ---- beyond the paper: variants of the IWU, the uncertainty penalty, and the diagnostics ----
+    is_exponent: float = 1.0
+    """lambda, tempered weights w ~ (pi_phi/pi_D)^lambda: 1 is Eq. 3; 0 keeps training the model on D with w = 1
+    at the same schedule (the control for "more model training")"""
     iwu_lr: float | None = None
     """learning rate of the importance-sampled update; None: --lr"""
     is_resample_pool: int = 0
@@ -187,6 +155,47 @@ class Args:
     concentrate on a few percent of them once the policy has moved, so they must be many"""
     sim_check_states: int = 1024
     """dataset states (the first of those above) from which the simulator check steps model and simulator"""
+
+    # ---- dataset building (the locally built datasets) ----
+    dataset_size: int = 1_000_000
+    """transitions in a locally built `random` or `medium` dataset (D4RL's hold 1M)"""
+    medium_return: float | None = None
+    """return at which the online learner that makes `medium` and `medium-replay` counts as medium; None: a third
+    of the way from D4RL's random to its expert return, D4RL's medium level"""
+    online_steps_cap: int = 1_000_000
+    """environment steps after which the online learner gives up if it has not reached the medium return"""
+    online_eval_every: int = 5000
+    """environment steps between two evaluations (10 deterministic episodes) and checkpoints of the online learner"""
+
+    # ---- budgets, output and the machine ----
+    total_steps: int = 1_000_000
+    """policy gradient steps (Table 3: 1000 epochs x 1000 gradient steps)"""
+    world_model_steps: int = 1_000_000
+    """pretraining steps of the world model, Algorithm 1's initialisation IWU(pi_D) (Table 2)"""
+    behavior_steps: int = 100_000
+    """BC steps that fit the behavior policy pi_D used in the importance weights"""
+    eval_every: int = 5000
+    """evaluate in the real simulator (and write metrics and the checkpoint) every this many policy steps"""
+    eval_episodes: int = 10
+    """episodes per evaluation, deterministic actions"""
+    log_every: int = 1000
+    """print progress (and write the losses to TensorBoard) every this many steps"""
+    tensorboard: bool = True
+    """also write the metrics, diagnostics and losses as TensorBoard event files in the run folder (where the
+    tensorboard package is installed; metrics.csv is the record either way)"""
+    output_dir: str = "runs"
+    """runs go to <output-dir>/<run-name>/, pretrained world models to <output-dir>/world_models/"""
+    run_name: str = ""
+    """run folder name; empty: <env>-<dataset>-[adept-|diff-]<agent>[-<settings>]-s<seed>, the middle part left out
+    under --no-world-model, and <settings> the flags that differ from the paper's: -noclip, -uniform or -gaussian
+    (--behavior-density), -lambda<x> (--is-exponent), -iwulr<x> (--iwu-lr), -pool<n> (--is-resample-pool)"""
+    resume: bool = False
+    """continue the run in the run folder from its checkpoint"""
+    threads: int = 1
+    """torch CPU threads (0: torch's default, all cores). 1 because, measured on 2 cores (bench/threads.sh), 2
+    threads made a step 1.3-1.4x faster alone but 2.4-2.6x slower beside one other busy process"""
+    cuda: bool = True
+    """use CUDA when it is available"""
 
 
 class EnvInfo(NamedTuple):
@@ -888,14 +897,29 @@ class RunLog:
         self.history: list[dict] = []
         self.t_start, self.total, self.log_every = time.perf_counter(), args.total_steps, args.log_every
         self.wall_before = 0.0  # wall seconds of a resumed run's earlier processes, up to its checkpoint
+        self.budgets: list[int] = []  # --total-steps of each process of the run, when a resume extended it
         self.train_seconds, self.timed_steps = 0.0, 0
         self.rollout_seconds, self.rolled = 0.0, 0
         self.ess = []  # effective sample sizes of the IWU batches since the last evaluation
         self.pe_window = dict.fromkeys(("rollouts", "transitions", "u_sum", "truncated"), 0)  # PE since then
 
-    def start(self, step: int) -> None:
+    def start(self, step: int, events_dir: Path | None) -> None:
         self.progress = Progress("train", self.total, self.log_every, step)
         self.warmup_until = step + min(1000, max(0, (self.total - step) // 10))
+        if not self.budgets or self.budgets[-1] != self.total:  # a resumed run may extend its --total-steps
+            self.budgets.append(self.total)
+        self.writer = None
+        if events_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the package is optional: metrics.csv is the record
+                print("tensorboard is not installed: no event files (metrics.csv has every number)", flush=True)
+            else:  # a resumed run drops the events a killed process wrote after its checkpoint
+                self.writer = SummaryWriter(str(events_dir), purge_step=step + 1)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
     def step_begins(self) -> None:
         self.t_step = time.perf_counter()
@@ -918,7 +942,9 @@ class RunLog:
         if step > self.warmup_until:
             self.train_seconds += time.perf_counter() - self.t_step
             self.timed_steps += 1
-        self.progress.update(step, losses)
+        if self.progress.update(step, losses) and self.writer is not None:
+            for k, v in losses.items():
+                self.writer.add_scalar(f"train/{k}", float(v), step)
 
     def wall_seconds(self) -> float:  # of the whole run, across resumes
         return self.wall_before + time.perf_counter() - self.t_start
@@ -936,15 +962,22 @@ class RunLog:
         self.counts["evaluations"] += 1
         print(f"[eval] step {row['step']} " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"),
               flush=True)
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.writer.add_scalar(f"{'eval' if k in METRICS else 'model'}/{k}", v, row["step"])
+            self.writer.flush()
 
     def state_dict(self) -> dict:
-        return {"counts": dict(self.counts), "history": list(self.history), "wall_seconds": self.wall_seconds()}
+        return {"counts": dict(self.counts), "history": list(self.history), "wall_seconds": self.wall_seconds(),
+                "budgets": list(self.budgets)}
 
     def load_state_dict(self, sd: dict) -> None:
         self.counts.update(sd["counts"])
         self.history = list(sd["history"])
         # checkpoints of earlier versions lack the key: their last evaluation's wall time is the nearest figure
         self.wall_before = sd.get("wall_seconds", self.history[-1]["wall_seconds"] if self.history else 0.0)
+        self.budgets = list(sd.get("budgets", [sd["args"]["total_steps"]]))
 
 
 @dataclass
@@ -999,6 +1032,7 @@ def main(args: Args) -> dict:
     if not args.resume and (run_dir / "checkpoint.pt").exists():  # never train over a run's results unasked
         raise UserError(f"{run_dir} already holds a run: --resume continues it (or, finished, does nothing), "
                         "--run-name names a new one, or delete the folder to start it over")
+    ck = read_checkpoint(run_dir / "checkpoint.pt", args) if args.resume else None  # refuses other settings
     print(f"device: {device} | run folder: {run_dir}", flush=True)
 
     # Normalize the dataset D (states z-scored with the dataset's statistics, Sec. 4.1)
@@ -1011,10 +1045,13 @@ def main(args: Args) -> dict:
     run = Run(args, run_dir, device, normalizer, D, agent, refs,
               [gym.make(ENVS[args.env].gym_id) for _ in range(args.eval_episodes)], RunLog(args))
     if args.world_model:  # Initialize M_{theta,eta} with D and pi_D: IWU(pi_D, D, theta, eta), cached on disk
-        run.wm, run.wm_opt, run.log.counts["world_model_pretrain_steps"] = pretrained_world_model(args, D, device)
+        fresh = ck is None  # a resumed run takes the model and pi_D from its checkpoint, with no pretraining
+        run.wm, run.wm_opt, run.log.counts["world_model_pretrain_steps"] = pretrained_world_model(args, D, device,
+                                                                                                 fresh)
         run.wm.clip = args.clip
-        run.pi_D = behavior_policy(args, D, device)
-        D.data["log_pi_D"] = log_behavior_density(run.pi_D, D)
+        run.pi_D = behavior_policy(args, D, device, fresh)
+        if fresh:  # (resumed: once pi_D is loaded)
+            D.data["log_pi_D"] = log_behavior_density(run.pi_D, D)
         run.D_hat = Buffer(args.model_buffer_size, s_dim, a_dim, device)
         run.iwu_generator = torch.Generator(device).manual_seed(seed_of(args.seed, "iwu"))
         run.uncertainty_generator = torch.Generator(device).manual_seed(seed_of(args.seed, "uncertainty"))
@@ -1024,11 +1061,11 @@ def main(args: Args) -> dict:
     adapt = args.world_model and args.importance_sampling
 
     run_dir.mkdir(parents=True, exist_ok=True)  # only now that the run can start: a failed start leaves no folder
-    start = load_checkpoint(run_dir / "checkpoint.pt", run) if args.resume else 0
+    start = load_checkpoint(ck, run) if ck else 0
     if start >= args.total_steps and (run_dir / "summary.json").exists():  # a finished run: keep what it wrote
         print(f"{run_dir} already finished {start} steps: nothing to do", flush=True)
         return json.loads((run_dir / "summary.json").read_text())
-    log.start(start)
+    log.start(start, run_dir if args.tensorboard else None)
     for step in range(start + 1, args.total_steps + 1):
         log.step_begins()
         if wm is not None and (step - 1) % args.rollout_every == 0:  # D_hat <- D_hat U PE(M_{theta,eta}, pi_phi)
@@ -1044,6 +1081,7 @@ def main(args: Args) -> dict:
         log.step_ends(step, losses)
         if step % args.eval_every == 0 or step == args.total_steps:
             evaluate_and_checkpoint(run, step)
+    log.close()
     return write_summary(run)
 
 
@@ -1219,7 +1257,8 @@ def write_summary(run: Run) -> dict:
         "mode": "none" if not args.world_model else ("adept" if args.importance_sampling else "diff"),
         **{k: getattr(args, k) for k in ("behavior_density", "is_exponent", "iwu_lr", "is_resample_pool",
                                          "uncertainty_samples", "uncertainty_penalty", "uncertainty_threshold")},
-        "total_steps": args.total_steps, "normalized_score": final["normalized_score"],
+        "total_steps": args.total_steps, **({"extended_from": log.budgets[:-1]} if len(log.budgets) > 1 else {}),
+        "normalized_score": final["normalized_score"],
         "normalized_score_std": final["normalized_score_std"],
         "normalized_score_last3": float(np.mean([h["normalized_score"] for h in log.history[-3:]])),
         "return": final["return"], "return_std": final["return_std"], "reference_returns": run.refs,
@@ -1623,7 +1662,7 @@ RUN_ONLY = {  # Args fields that do not shape what is cached (a test checks that
     "guidance_weight", "horizon", "rollout_every", "rollout_batch_size", "model_buffer_size", "model_ratio",
     "is_batch_size", "iwu_every", "is_max_weight", "is_self_normalize", "is_exponent", "iwu_lr", "is_resample_pool",
     "diag_samples", "sim_check_states", "online_steps_cap", "clip", "uncertainty_samples", "uncertainty_penalty",
-    "uncertainty_threshold"}
+    "uncertainty_threshold", "tensorboard"}
 
 
 def cache_path(args: Args, folder: str, fields: tuple[str, ...]) -> tuple[Path, dict]:
@@ -1660,23 +1699,26 @@ def cached(path: Path, settings: dict, parts: dict, train: Callable[[], None]) -
     return True
 
 
-def pretrained_world_model(args: Args, D: Buffer, device) -> tuple[WorldModel, torch.optim.Optimizer, int]:
+def pretrained_world_model(args: Args, D: Buffer, device, pretrain: bool = True
+                           ) -> tuple[WorldModel, torch.optim.Optimizer, int]:
     """The world model and its optimizer after pretraining, from the cache or trained. Built and trained on a random
     stream of its own, fixed by the seed, so the model is the same whoever trained it and the run's own stream is the
-    same on a hit and on a miss. -> wm, wm_opt, pretraining steps run here (0 on a cache hit)"""
+    same on a hit and on a miss. pretrain=False: built only (a resumed run loads it from its checkpoint).
+    -> wm, wm_opt, pretraining steps run here (0 on a cache hit)"""
     path, settings = cache_path(args, "world_models", WORLD_MODEL_SETTINGS)
     with own_stream(args.seed, "world model", device):
         wm = WorldModel(D.data["s"].shape[1], D.data["a"].shape[1], args.model_hidden, args.model_depth,
                         args.denoising_steps, args.cosine_s, args.guidance_weight, args.cond_drop_prob).to(device)
         wm.set_ranges(D.data["s_next"][: D.size], D.data["r"][: D.size])
         wm_opt = adam(wm.parameters(), args.lr)
-        trained = cached(path, settings, {"wm": wm, "wm_opt": wm_opt}, lambda: pretrain_world_model(args, D, wm, wm_opt))
+        trained = pretrain and cached(path, settings, {"wm": wm, "wm_opt": wm_opt},
+                                      lambda: pretrain_world_model(args, D, wm, wm_opt))
     return wm, wm_opt, args.world_model_steps if trained else 0
 
 
-def behavior_policy(args: Args, D: Buffer, device) -> Policy:
+def behavior_policy(args: Args, D: Buffer, device, fit: bool = True) -> Policy:
     """pi_D by --behavior-density: the exact uniform density, or a Beta (`fitted`) or Gaussian policy fitted by
-    behavior cloning on a random stream of its own, cached as the world model is."""
+    behavior cloning on a random stream of its own, cached as the world model is (fit=False: built only)."""
     s_dim, a_dim = D.data["s"].shape[1], D.data["a"].shape[1]
     if args.behavior_density == "uniform":
         return UniformPolicy(a_dim).to(device)
@@ -1684,7 +1726,8 @@ def behavior_policy(args: Args, D: Buffer, device) -> Policy:
     with own_stream(args.seed, "behavior policy", device):
         policy = BetaActor(s_dim, a_dim, args.hidden) if args.behavior_density == "fitted" else None
         bc = BC(s_dim, a_dim, args, device, policy)
-        cached(path, settings, {"pi_D": bc}, lambda: fit_behavior_policy(args, D, bc))
+        if fit:
+            cached(path, settings, {"pi_D": bc}, lambda: fit_behavior_policy(args, D, bc))
     return bc.actor
 
 
@@ -1702,15 +1745,16 @@ class Progress:
     def restart(self, step: int) -> None:  # begin a new window (after a pause such as an evaluation)
         self.last_step, self.last_time = step, time.perf_counter()
 
-    def update(self, step: int, values: dict | None = None) -> None:
+    def update(self, step: int, values: dict | None = None) -> bool:  # -> whether it printed
         if step % self.every and step != self.total:
-            return
+            return False
         now = time.perf_counter()
         rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
         eta = (self.total - step) / max(rate, 1e-9)
         extra = " ".join(f"{k} {float(v):.3g}" for k, v in (values or {}).items())
         print(f"[{self.name}] {step}/{self.total} | {rate:.0f}/s | ETA {eta / 60:.1f} min | {extra}", flush=True)
         self.restart(step)
+        return True
 
 
 def rng_state() -> dict:
@@ -1746,15 +1790,34 @@ def save_checkpoint(path: Path, step: int, run: Run) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path, run: Run) -> int:
-    """Restore a run from its checkpoint. Everything is read onto the CPU first (the generator states must stay
-    there) and load_state_dict moves each tensor to the device of the tensor it replaces. -> the checkpoint's step"""
+RESUME_FREE = ("cuda", "threads", "output_dir", "run_name", "resume", "log_every", "tensorboard", "total_steps")
+
+
+def read_checkpoint(path: Path, args: Args) -> dict:
+    """The checkpoint --resume continues, read onto the CPU (the generator states must stay there). It refuses a
+    checkpoint made with other settings than the command's, but for those in RESUME_FREE: a larger --total-steps
+    extends a run (its summary says so), and the machine and output may change."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise UserError(f"--resume: checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    saved = ck["args"]  # a field that an earlier version lacked had its default there
+    changed = [f"--{f.name.replace('_', '-')} {saved.get(f.name, f.default)} -> {getattr(args, f.name)}"
+               for f in dataclasses.fields(args)
+               if f.name not in RESUME_FREE and saved.get(f.name, f.default) != getattr(args, f.name)]
+    if changed:
+        raise UserError(f"--resume: {path} was made with other settings ({'; '.join(changed)}); resume with the "
+                        "run's own settings, or start a new run (--run-name)")
+    if args.total_steps < ck["step"]:
+        raise UserError(f"--resume: {path} is at step {ck['step']}, past --total-steps {args.total_steps}")
+    return ck
+
+
+def load_checkpoint(ck: dict, run: Run) -> int:
+    """Restore a run from its checkpoint; load_state_dict moves each tensor to the device of the tensor it
+    replaces. -> the checkpoint's step"""
     run.load_state_dict(ck)
-    print(f"resumed from {path} at step {ck['step']}", flush=True)
+    print(f"resumed from {run.dir / 'checkpoint.pt'} at step {ck['step']}", flush=True)
     return ck["step"]
 
 

@@ -2,6 +2,7 @@
 
 import ast
 import csv
+import shutil
 import json
 import math
 import os
@@ -311,11 +312,19 @@ def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, ag
         assert [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [20, 40, 60]
 
 
-def test_resume_continues_exactly(tmp_path, data):
-    """40 steps, stop, resume to 60 == 60 steps straight: the checkpoint holds everything the run needs."""
+def test_resume_continues_exactly(tmp_path, data, capsys):
+    """40 steps, stop, resume to 60 == 60 steps straight: the checkpoint holds everything the run needs, the world
+    model and pi_D included (the resumed run finds no cache, and pretrains nothing)."""
     straight = adept.main(tiny(tmp_path / "a", total_steps=60))
     adept.main(tiny(tmp_path / "b", total_steps=40))
+    for cache in ("world_models", "behavior_policies"):
+        shutil.rmtree(tmp_path / "b" / cache)
+    capsys.readouterr()
     resumed = adept.main(tiny(tmp_path / "b", total_steps=60, resume=True))
+    out = capsys.readouterr().out
+    assert "[world model]" not in out and "[behavior policy" not in out and "saved" not in out, out
+    assert not (tmp_path / "b/world_models").exists() and resumed["counts"]["world_model_pretrain_steps"] == 50
+    assert resumed["extended_from"] == [40] and "extended_from" not in straight
     ck_a = torch.load(tmp_path / "a/hopper-random-adept-sac-s0/checkpoint.pt", weights_only=False)
     ck_b = torch.load(tmp_path / "b/hopper-random-adept-sac-s0/checkpoint.pt", weights_only=False)
     for part in ("agent", "wm", "wm_opt"):  # every weight and optimizer moment
@@ -349,6 +358,36 @@ def test_wall_time_continues_across_a_resume(tmp_path, data):
     s = adept.main(tiny(tmp_path, total_steps=60, world_model=False, resume=True))
     walls = [float(r["wall_seconds"]) for r in csv.DictReader(open(tmp_path / "hopper-random-sac-s0/metrics.csv"))]
     assert walls[1] < 1000 < walls[2] <= s["wall_seconds"] < 1000 + 300
+
+
+def test_resume_refuses_other_settings(tmp_path, data):
+    adept.main(tiny(tmp_path, total_steps=20, world_model=False))
+    with pytest.raises(adept.UserError, match=r"other settings \(--lr 0.0003 -> 0.001; --gamma 0.99 -> 0.9\)"):
+        adept.main(tiny(tmp_path, total_steps=40, world_model=False, resume=True, lr=1e-3, gamma=0.9))
+    with pytest.raises(adept.UserError, match="past --total-steps 10"):
+        adept.main(tiny(tmp_path, total_steps=10, world_model=False, resume=True))
+    s = adept.main(tiny(tmp_path, total_steps=40, world_model=False, resume=True, log_every=5, threads=2))
+    assert s["counts"]["policy_updates"] == 40  # the machine, the logging and the budget may change
+
+
+def test_tensorboard_events_hold_the_metrics_once_across_a_resume(tmp_path, data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "hopper-random-adept-sac-s0"
+    adept.main(tiny(tmp_path, total_steps=20))
+    shutil.copy(run / "checkpoint.pt", tmp_path / "step20.pt")
+    adept.main(tiny(tmp_path, total_steps=40, resume=True))
+    shutil.copy(tmp_path / "step20.pt", run / "checkpoint.pt")  # as if killed after step 40's events, before its checkpoint
+    adept.main(tiny(tmp_path, total_steps=40, resume=True))
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"eval/normalized_score", "eval/return", "model/eps_pi", "model/sim_state_error", "train/q_loss",
+            "train/wm_loss"} <= set(tags), tags
+    assert [e.step for e in events.Scalars("eval/normalized_score")] == [20, 40]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [e.value for e in events.Scalars("model/eps_pi")] == pytest.approx([float(r["eps_pi"]) for r in rows])
+    steps = [e.step for e in events.Scalars("train/q_loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # no step twice
 
 
 def _tensors(sd, prefix=""):
