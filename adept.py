@@ -829,11 +829,11 @@ def policy_batch(D: Buffer, D_hat: Buffer | None, n: int, model_ratio: float) ->
 # 7. Importance-sampled world-model update (Algorithm 1, IWU; Eq. 3)
 # ==================================================================================================================
 @torch.no_grad()
-def log_behavior_density(pi_D: Policy, D: Buffer, chunk: int = 65536) -> torch.Tensor:
-    """log pi_D(a|s) of every transition of D, (N,). pi_D is fixed once fitted, so this is computed once, with the
-    dataset, rather than for every IWU batch."""
+def log_density(pi: Policy, D: Buffer, chunk: int = 65536) -> torch.Tensor:
+    """log pi(a|s) of every transition of D, (N,), in chunks. For pi_D, which is fixed once fitted, this is computed
+    once, with the dataset, rather than for every IWU batch."""
     s, a = D.data["s"][: D.size], D.data["a"][: D.size]
-    return torch.cat([pi_D.log_prob(s[i: i + chunk], a[i: i + chunk]) for i in range(0, D.size, chunk)])
+    return torch.cat([pi.log_prob(s[i: i + chunk], a[i: i + chunk]) for i in range(0, D.size, chunk)])
 
 
 @torch.no_grad()
@@ -1018,7 +1018,7 @@ class Run:
             self.iwu_generator.set_state(sd["iwu_rng"])
             if "uncertainty_rng" in sd:  # checkpoints of earlier versions drew no extra samples
                 self.uncertainty_generator.set_state(sd["uncertainty_rng"])
-            self.D.data["log_pi_D"] = log_behavior_density(self.pi_D, self.D)
+            self.D.data["log_pi_D"] = log_density(self.pi_D, self.D)
         set_rng_state(sd["rng"])
 
 
@@ -1035,29 +1035,8 @@ def main(args: Args) -> dict:
     ck = read_checkpoint(run_dir / "checkpoint.pt", args) if args.resume else None  # refuses other settings
     print(f"device: {device} | run folder: {run_dir}", flush=True)
 
-    # Normalize the dataset D (states z-scored with the dataset's statistics, Sec. 4.1)
-    data, refs = load_transitions(args)
-    normalizer = Normalizer(data["s"].mean(0), data["s"].std(0)).to(device)
-    D = dataset_buffer(data, normalizer, device)
-    s_dim, a_dim = data["s"].shape[1], data["a"].shape[1]
-    # Initialize the target policy pi_phi (the agent's actor) and the replay buffer D_hat = {}
-    agent = AGENTS[args.agent](s_dim, a_dim, args, device)
-    run = Run(args, run_dir, device, normalizer, D, agent, refs,
-              [gym.make(ENVS[args.env].gym_id) for _ in range(args.eval_episodes)], RunLog(args))
-    if args.world_model:  # Initialize M_{theta,eta} with D and pi_D: IWU(pi_D, D, theta, eta), cached on disk
-        fresh = ck is None  # a resumed run takes the model and pi_D from its checkpoint, with no pretraining
-        run.wm, run.wm_opt, run.log.counts["world_model_pretrain_steps"] = pretrained_world_model(args, D, device,
-                                                                                                 fresh)
-        run.wm.clip = args.clip
-        run.pi_D = behavior_policy(args, D, device, fresh)
-        if fresh:  # (resumed: once pi_D is loaded)
-            D.data["log_pi_D"] = log_behavior_density(run.pi_D, D)
-        run.D_hat = Buffer(args.model_buffer_size, s_dim, a_dim, device)
-        run.iwu_generator = torch.Generator(device).manual_seed(seed_of(args.seed, "iwu"))
-        run.uncertainty_generator = torch.Generator(device).manual_seed(seed_of(args.seed, "uncertainty"))
-        for group in run.wm_opt.param_groups:
-            group["lr"] = args.iwu_lr or args.lr
-    wm, wm_opt, D_hat, log = run.wm, run.wm_opt, run.D_hat, run.log
+    run, _ = setup(args, device, run_dir, pretrain=ck is None)  # resumed: the model and pi_D are in the checkpoint
+    D, agent, wm, wm_opt, D_hat, log = run.D, run.agent, run.wm, run.wm_opt, run.D_hat, run.log
     adapt = args.world_model and args.importance_sampling
 
     run_dir.mkdir(parents=True, exist_ok=True)  # only now that the run can start: a failed start leaves no folder
@@ -1083,6 +1062,35 @@ def main(args: Args) -> dict:
             evaluate_and_checkpoint(run, step)
     log.close()
     return write_summary(run)
+
+
+def setup(args: Args, device: torch.device, run_dir: Path, pretrain: bool = True) -> tuple[Run, dict]:
+    """What Algorithm 1 starts from (main, results/is_study.py and bench/diagnostics_noise.py share it): the dataset D
+    normalized, pi_phi, and for ADEPT the model M_{theta,eta} initialized with D and pi_D, pi_D, and D_hat = {}.
+    pretrain=False builds the model and pi_D without training them (to be loaded from a checkpoint).
+    -> the run, and the dataset's raw transition arrays"""
+    # Normalize the dataset D (states z-scored with the dataset's statistics, Sec. 4.1)
+    data, refs = load_transitions(args)
+    normalizer = Normalizer(data["s"].mean(0), data["s"].std(0)).to(device)
+    D = dataset_buffer(data, normalizer, device)
+    s_dim, a_dim = data["s"].shape[1], data["a"].shape[1]
+    # Initialize the target policy pi_phi (the agent's actor) and the replay buffer D_hat = {}
+    agent = AGENTS[args.agent](s_dim, a_dim, args, device)
+    run = Run(args, run_dir, device, normalizer, D, agent, refs,
+              [gym.make(ENVS[args.env].gym_id) for _ in range(args.eval_episodes)], RunLog(args))
+    if args.world_model:  # Initialize M_{theta,eta} with D and pi_D: IWU(pi_D, D, theta, eta), cached on disk
+        run.wm, run.wm_opt, run.log.counts["world_model_pretrain_steps"] = pretrained_world_model(args, D, device,
+                                                                                                 pretrain)
+        run.wm.clip = args.clip
+        run.pi_D = behavior_policy(args, D, device, pretrain)
+        if pretrain:  # (otherwise once pi_D is loaded)
+            D.data["log_pi_D"] = log_density(run.pi_D, D)
+        run.D_hat = Buffer(args.model_buffer_size, s_dim, a_dim, device)
+        run.iwu_generator = torch.Generator(device).manual_seed(seed_of(args.seed, "iwu"))
+        run.uncertainty_generator = torch.Generator(device).manual_seed(seed_of(args.seed, "uncertainty"))
+        for group in run.wm_opt.param_groups:
+            group["lr"] = args.iwu_lr or args.lr
+    return run, data
 
 
 def setup_torch(args: Args) -> torch.device:
@@ -1138,6 +1146,14 @@ def evaluate(policy: Policy, normalizer: Normalizer, envs: list, seed: int) -> n
 
 
 @torch.no_grad()
+def policy_shift(pi: Policy, pi_D: Policy, s: torch.Tensor) -> torch.Tensor:
+    """eps_pi = TV(pi, pi_D) = E_{a ~ pi}[max(0, 1 - pi_D(a|s)/pi(a|s))], one action drawn per state, averaged over
+    the states s (B, S)."""
+    a_pi, logp = pi.sample(s)
+    return (1 - torch.exp((pi_D.log_prob(s, a_pi) - logp).clamp(max=0))).mean()
+
+
+@torch.no_grad()
 def return_gap_diagnostics(wm: WorldModel, pi: Policy, pi_D: Policy, b: dict, gamma: float, r_max: float,
                            max_weight: float, self_normalize: bool) -> dict[str, float]:
     """Estimates of the errors of Theorem 4.4 on dataset transitions b, and the bound C of Eq. 9.
@@ -1151,10 +1167,18 @@ def return_gap_diagnostics(wm: WorldModel, pi: Policy, pi_D: Policy, b: dict, ga
     r_hat, _ = wm.reward_terminal(b["s"], b["a"], s_next_hat)
     eps_m = (w * ((s_next_hat - b["s_next"]) ** 2).mean(-1)).sum() / w.sum()
     eps_r = (w * (r_hat - b["r"]) ** 2).sum() / w.sum()
-    a_pi, logp = pi.sample(b["s"])
-    eps_pi = (1 - torch.exp((pi_D.log_prob(b["s"], a_pi) - logp).clamp(max=0))).mean()
+    eps_pi = policy_shift(pi, pi_D, b["s"])
     C = 2 * r_max * ((eps_r + 2 * eps_pi) / (1 - gamma) + gamma * (2 * eps_pi + eps_m) / (1 - gamma) ** 2)  # Eq. 9
     return {"eps_r": eps_r.item(), "eps_m": eps_m.item(), "eps_pi": eps_pi.item(), "return_gap_bound": C.item()}
+
+
+def settable_states(obs: np.ndarray, env, clips_velocity: bool) -> np.ndarray:
+    """The observations the simulator can be put in: where the observation clips velocities at +-10, those with a
+    velocity at the clip are dropped (set_state cannot reproduce the velocity it stands for)."""
+    if not clips_velocity:
+        return obs
+    nq = env.unwrapped.model.nq
+    return obs[np.abs(obs[:, nq - 1:]).max(1) < 10.0 - 1e-6]
 
 
 @torch.no_grad()
@@ -1172,8 +1196,7 @@ def simulator_errors(wm: WorldModel, pi: Policy, normalizer: Normalizer, env, ob
     the error of the mean of the N (errors as the norm over dimensions, normalized units)."""
     sim = env.unwrapped
     nq = sim.model.nq
-    if clips_velocity:
-        obs = obs[np.abs(obs[:, nq - 1:]).max(1) < 10.0 - 1e-6]
+    obs = settable_states(obs, env, clips_velocity)
     device = normalizer.mean.device
     n = len(obs)
     sim_s, sim_r = np.zeros((n, horizon, obs.shape[1]), np.float32), np.zeros((n, horizon), np.float32)

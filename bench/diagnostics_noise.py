@@ -23,16 +23,9 @@ ck = torch.load(Path(cli.run_dir) / "checkpoint.pt", map_location="cpu", weights
 known = {f.name for f in adept.dataclasses.fields(adept.Args)}
 args = adept.Args(**{k: v for k, v in ck["args"].items() if k in known})
 device = torch.device("cpu")
-data, _ = adept.load_transitions(args)
-norm = adept.Normalizer(data["s"].mean(0), data["s"].std(0))
-D = adept.dataset_buffer(data, norm, device)
-agent = adept.AGENTS[args.agent](data["s"].shape[1], data["a"].shape[1], args, device)
-agent.load_state_dict(ck["agent"])
-wm, _, _ = adept.pretrained_world_model(args, D, device)
-wm.load_state_dict(ck["wm"])
-pi_D = adept.behavior_policy(args, D, device)
-pi_D.load_state_dict(ck["pi_D"])
-D.data["log_pi_D"] = adept.log_behavior_density(pi_D, D)
+run, _ = adept.setup(args, device, Path(cli.run_dir), pretrain=False)  # the run as it was at its checkpoint
+adept.load_checkpoint(ck, run)
+norm, D, agent, wm, pi_D = run.normalizer, run.D, run.agent, run.wm, run.pi_D
 env = adept.gym.make(adept.ENVS[args.env].gym_id)
 r_max = D.data["r"][: D.size].abs().max().item()
 for n in cli.diag_samples:

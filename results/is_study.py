@@ -1,5 +1,5 @@
-"""The mechanism study of issue 7: does the importance-sampled update (Eq. 3) make the world model more accurate
-under the policy it is adapted to?
+"""The importance-sampling mechanism study: does the importance-sampled update (Eq. 3) make the world model more
+accurate under the policy it is adapted to?
 
 For one environment and seed (the seed fixes the pretrained model, pi_D, the target policies and the minibatches):
 - the world model pretrained as a run pretrains it, and pi_D fitted as a run fits it (the same caches);
@@ -88,14 +88,6 @@ def load_target(run_dir: Path, args: adept.Args, data: dict) -> adept.SAC:
     return agent
 
 
-def usable(obs: np.ndarray, env_name: str) -> np.ndarray:
-    """Drop observations whose velocities sit at the observation's +-10 clip (set_state cannot reproduce them)."""
-    if not adept.ENVS[env_name].clips_velocity:
-        return obs
-    nq = adept.gym.make(adept.ENVS[env_name].gym_id).unwrapped.model.nq
-    return obs[np.abs(obs[:, nq - 1:]).max(1) < 10.0 - 1e-6]
-
-
 def measure(wm, target, normalizer, env, dataset_obs, onpolicy_obs, horizon, env_name, seed) -> dict:
     """The study's errors of one model under one target, on fixed start states and a fixed sampler stream."""
     clips = adept.ENVS[env_name].clips_velocity
@@ -109,12 +101,10 @@ def measure(wm, target, normalizer, env, dataset_obs, onpolicy_obs, horizon, env
 
 
 @torch.no_grad()
-def dataset_ess(target, D: adept.Buffer, log_pi_D: torch.Tensor, chunk: int = 65536) -> float:
+def dataset_ess(target, D: adept.Buffer, log_pi_D: torch.Tensor) -> float:
     """ESS of the target's Eq. 3 weights over the whole dataset: how many of D's transitions any reweighting of D
     can draw on at all."""
-    s, a = D.data["s"][: D.size], D.data["a"][: D.size]
-    log_pi = torch.cat([target.log_prob(s[i: i + chunk], a[i: i + chunk]) for i in range(0, D.size, chunk)])
-    w = adept.importance_weights(log_pi, log_pi_D, max_weight=math.inf)
+    w = adept.importance_weights(adept.log_density(target, D), log_pi_D, max_weight=math.inf)
     return adept.effective_sample_size(w).item()
 
 
@@ -129,16 +119,15 @@ def main(cli) -> Path:
     args = adept.Args(env=cli.env, seed=cli.seed, dataset_size=cli.dataset_size, output_dir=cache_dir,
                       world_model_steps=cli.world_model_steps, behavior_steps=cli.behavior_steps, cuda=False,
                       model_hidden=cli.model_hidden, hidden=cli.hidden, is_batch_size=cli.is_batch_size)
-    data, _ = adept.load_transitions(args)
-    normalizer = adept.Normalizer(data["s"].mean(0), data["s"].std(0))
-    D = adept.dataset_buffer(data, normalizer, device)
-    wm0, opt0, _ = adept.pretrained_world_model(args, D, device)
-    pi_D = {"fitted": adept.behavior_policy(args, D, device),
+    run, data = adept.setup(args, device, out)  # the pretrained model and pi_D from the runs' caches
+    normalizer, D, wm0, opt0 = run.normalizer, run.D, run.wm, run.wm_opt
+    pi_D = {"fitted": run.pi_D,
             "uniform": adept.behavior_policy(dataclasses.replace(args, behavior_density="uniform"), D, device)}
-    log_pi_D = {k: adept.log_behavior_density(p, D) for k, p in pi_D.items()}
-    env = adept.gym.make(adept.ENVS[cli.env].gym_id)
+    log_pi_D = {"fitted": D.data["log_pi_D"], "uniform": adept.log_density(pi_D["uniform"], D)}
+    env, clips = adept.gym.make(adept.ENVS[cli.env].gym_id), adept.ENVS[cli.env].clips_velocity
     with adept.own_stream(cli.seed, "study dataset states", device):
-        dataset_obs = usable(data["s"][torch.randperm(len(data["s"]))[: 3 * cli.states].numpy()], cli.env)
+        dataset_obs = adept.settable_states(data["s"][torch.randperm(len(data["s"]))[: 3 * cli.states].numpy()], env,
+                                            clips)
     dataset_obs = dataset_obs[: cli.states]
 
     # ---- the two target policies: offline SAC at two budgets ----
@@ -153,17 +142,15 @@ def main(cli) -> Path:
         agent = load_target(run_dir, targs, data)
         targets[name] = agent.actor
         with adept.own_stream(cli.seed, "study eps_pi", device):
-            b = D.sample(16384)
-            a_pi, logp = agent.actor.sample(b["s"])
-            eps_pi = (1 - torch.exp((pi_D["fitted"].log_prob(b["s"], a_pi) - logp).clamp(max=0))).mean().item()
+            eps_pi = adept.policy_shift(agent.actor, pi_D["fitted"], D.sample(16384)["s"]).item()
         meta["targets"][name] = {
             "sac_steps": budget, "normalized_score": summary["normalized_score"], "eps_pi_fitted": eps_pi,
             "dataset_ess_fitted": dataset_ess(agent.actor, D, log_pi_D["fitted"]),
             "dataset_ess_uniform": dataset_ess(agent.actor, D, log_pi_D["uniform"])}
     eps = [m["eps_pi_fitted"] for m in meta["targets"].values()]
     meta["eps_pi_gap"] = abs(eps[1] - eps[0])
-    onpolicy = {name: usable(visited_states(t, normalizer, cli.env, 3 * cli.states, cli.seed), cli.env)[:: 3][
-        : cli.states] for name, t in targets.items()}
+    onpolicy = {name: adept.settable_states(visited_states(t, normalizer, cli.env, 3 * cli.states, cli.seed), env,
+                                            clips)[:: 3][: cli.states] for name, t in targets.items()}
 
     # ---- the arms ----
     def run_arm(target_name: str | None, arm: str) -> None:

@@ -10,8 +10,18 @@ study: per target policy and arm, each error averaged over the measurements of t
     panel per (target, error), one line per arm.
 ablation: per arm, each run scored by the mean of its last 3 evaluations; mean +- std over seeds, a 95% percentile
     bootstrap interval over seeds (10,000 resamples, fixed seed), the best run; and the paired difference ADEPT -
-    each control, per seed and with its interval. The figure: learning curves and the simulator-measured model
-    error (state after H steps) over training, mean and spread over seeds, one line per arm.
+    each control, per seed and with its interval (with --reference R: each other arm - R). The figure: learning
+    curves and the simulator-measured model error (state after H steps) over training, mean and spread over seeds,
+    one line per arm. Then, through rliable (Agarwal et al., 2021), the field's aggregates over the runs and tasks
+    (folders) of each budget (policy steps): the interquartile mean (IQM) of the scores with its 95% stratified
+    bootstrap interval (runs resampled within each task; --reps resamples, 10,000), the probability of improvement
+    P(X > Y) of ADEPT over each other arm (with --reference R: of each other arm over R; ties count half; 2,000
+    resamples, as in rliable's examples), and with --profile-png the performance profiles (the fraction of runs
+    scoring above each threshold, with 95% bands). The paired per-seed differences stay the first statistic: with 3
+    seeds an interval is little more than their range, and the IQM of 3 runs is their mean.
+
+    python results/report.py ablation results/ablation/hopper-random results/ablation/halfcheetah-random \
+        --reference control --profile-png profiles.png
 """
 
 import argparse
@@ -136,16 +146,51 @@ def arm_and_seed(folder: str, run: str) -> tuple[str, int]:
     return arm, int(seed)
 
 
-def ablation(folder: Path, png: Path | None) -> None:
-    runs = defaultdict(dict)  # arm -> seed -> rows
+def load_runs(folder: Path) -> dict:
+    """The finished runs of a folder <env>-<dataset>: arm -> seed -> rows of metrics.csv."""
+    runs = defaultdict(dict)
     for metrics in sorted(folder.glob("*/metrics.csv")):
         if not (metrics.parent / "summary.json").exists():  # finished runs only
             continue
         arm, seed = arm_and_seed(folder.name, metrics.parent.name)
         runs[arm][seed] = read_csv(metrics)
-    score = {arm: {s: float(np.mean([r["normalized_score"] for r in rows[-3:]])) for s, rows in seeds.items()}
-             for arm, seeds in runs.items()}
-    arms = [a for a in ABLATION_ARMS if a in runs] + [a for a in runs if a not in ABLATION_ARMS]
+    return runs
+
+
+def run_score(rows: list[dict]) -> float:
+    """A run's score: the mean normalized score of its last 3 evaluations."""
+    return float(np.mean([r["normalized_score"] for r in rows[-3:]]))
+
+
+def ordered(arms) -> list[str]:
+    """The arms in the report's order, then the others in the order given."""
+    return [a for a in ABLATION_ARMS if a in arms] + [a for a in arms if a not in ABLATION_ARMS]
+
+
+SHORT_ARMS = {"adept": "adept-{}", "control": "adept-{}-lambda0", "diff": "diff-{}", "alone": "{}"}  # as sweep.py
+
+
+def resolve_arm(name: str, arms) -> str:
+    """An arm of `arms` by its key (adept-sac-lambda0) or by the sweep's name (adept, control, diff, alone)."""
+    if name in arms:
+        return name
+    if name in SHORT_ARMS:
+        found = [a for a in arms if any(a == SHORT_ARMS[name].format(agent) for agent in ("sac", "iql", "bc"))]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise SystemExit(f"error: --reference {name} is ambiguous here ({', '.join(found)}): name one")
+    raise SystemExit(f"error: --reference {name}: no such arm (arms: {', '.join(ordered(arms))})")
+
+
+def label(arm: str) -> str:
+    return ABLATION_ARMS.get(arm, arm)
+
+
+def ablation(folder: Path, png: Path | None, reference: str | None = None) -> None:
+    runs = load_runs(folder)
+    score = {arm: {s: run_score(rows) for s, rows in seeds.items()} for arm, seeds in runs.items()}
+    arms = ordered(runs)
     print(f"### {folder.name}: score = mean normalized score of each run's last 3 evaluations\n")
     print("| arm | seeds | steps | mean +- std | 95% bootstrap CI | best run | per seed | sim state err (H) "
           "| sim return err (H) | eps_pi |")
@@ -161,17 +206,27 @@ def ablation(folder: Path, png: Path | None) -> None:
         print(f"| {ABLATION_ARMS.get(arm, arm)} | {len(s)} | {steps} | {s.mean():.1f} +- {s.std():.1f} | "
               f"[{lo:.1f}, {hi:.1f}] | {s.max():.1f} | {', '.join(f'{x:.1f}' for x in s)} | "
               f"{err('sim_state_error_h')} | {err('sim_return_error_h')} | {err('eps_pi')} |")
-    if "adept-sac" in score:
-        print("\nPaired difference ADEPT-SAC - control, per seed (the same seeds):\n")
-        print("| control | per seed | mean | 95% bootstrap CI |")
+    try:
+        pairs = comparisons(arms, reference)
+    except SystemExit as e:  # not in this folder
+        print(f"\n(no paired differences: {str(e).removeprefix('error: ')})")
+        pairs = []
+    if pairs:
+        if reference is None:
+            print("\nPaired difference ADEPT-SAC - control, per seed (the same seeds):\n")
+            print("| control | per seed | mean | 95% bootstrap CI |")
+        else:
+            ref = pairs[0][1]
+            print(f"\nPaired difference arm - {label(ref)}, per seed (the same seeds):\n")
+            print("| arm | per seed | mean | 95% bootstrap CI |")
         print("|---|---|---|---|")
-        for arm in arms[1:]:
-            common = sorted(set(score["adept-sac"]) & set(score[arm]))
+        for x, y in pairs:
+            common = sorted(set(score[x]) & set(score[y]))
             if not common:
                 continue
-            d = np.array([score["adept-sac"][s] - score[arm][s] for s in common])
+            d = np.array([score[x][s] - score[y][s] for s in common])
             lo, hi = bootstrap_ci(d)
-            print(f"| {ABLATION_ARMS.get(arm, arm)} | {', '.join(f'{x:+.1f}' for x in d)} | {d.mean():+.1f} | "
+            print(f"| {label(y if reference is None else x)} | {', '.join(f'{v:+.1f}' for v in d)} | {d.mean():+.1f} | "
                   f"[{lo:+.1f}, {hi:+.1f}] |")
     if png:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -196,11 +251,160 @@ def ablation(folder: Path, png: Path | None) -> None:
         print(f"\nwrote {png}")
 
 
+def comparisons(arms: list[str], reference: str | None) -> list[tuple[str, str]]:
+    """(X, Y) pairs compared as X - Y and P(X > Y): ADEPT-SAC against each other arm by default; with a reference,
+    each other arm against it."""
+    if reference is None:
+        return [("adept-sac", a) for a in arms if a != "adept-sac"] if "adept-sac" in arms else []
+    ref = resolve_arm(reference, arms)
+    return [(a, ref) for a in arms if a != ref]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# rliable's aggregates (imported when used: rliable brings arch, scipy, pandas and seaborn)
+# ------------------------------------------------------------------------------------------------------------------
+def iqm(scores: np.ndarray) -> float:
+    """Interquartile mean of a (runs x tasks) array: rliable's, the mean of the middle 50% of all its scores."""
+    from rliable import metrics
+    return float(metrics.aggregate_iqm(np.asarray(scores, dtype=float)))
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
+    """rliable's P(X > Y) of two (runs x tasks) arrays: per task the share of (run of X, run of Y) pairs in which
+    X's is higher, ties counting half (Mann-Whitney U / (n_x n_y)), averaged over the tasks."""
+    from rliable import metrics
+    return float(metrics.probability_of_improvement(np.asarray(x, dtype=float), np.asarray(y, dtype=float)))
+
+
+def interval(func, *arrays: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float, float]:
+    """rliable's point estimate and 95% stratified-bootstrap percentile interval of func(*arrays), each array
+    (runs x tasks) resampled over its runs within each task. rliable draws from numpy's global generator: seeded
+    here, so that each interval is the same whatever else is computed."""
+    from rliable import library
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        key = "x" if len(arrays) == 1 else "x,y"
+        point, ci = library.get_interval_estimates({key: arrays[0] if len(arrays) == 1 else tuple(arrays)},
+                                                   func, reps=reps)
+    finally:
+        np.random.set_state(state)
+    return float(np.ravel(point[key])[0]), float(np.ravel(ci[key][0])[0]), float(np.ravel(ci[key][1])[0])
+
+
+def budgets(folders: list[Path]) -> dict:
+    """budget (policy steps of the runs) -> task (folder name) -> arm -> seed -> score"""
+    out = defaultdict(lambda: defaultdict(dict))
+    for folder in folders:
+        for arm, seeds in load_runs(folder).items():
+            for seed, rows in seeds.items():
+                out[int(rows[-1]["step"])][folder.name].setdefault(arm, {})[seed] = run_score(rows)
+    return out
+
+
+def score_matrices(tasks: dict) -> tuple[dict, list[str]]:
+    """arm -> (runs x tasks) array, for the arms that every task has, each task's runs in seed order and cut to
+    the fewest of any task; and a note for each arm left out or cut."""
+    arms, notes, matrices = ordered(sorted({a for arms in tasks.values() for a in arms})), [], {}
+    for arm in arms:
+        missing = [t for t in tasks if arm not in tasks[t]]
+        if missing:
+            notes.append(f"{label(arm)} left out: no finished run in {', '.join(missing)}")
+            continue
+        n = min(len(tasks[t][arm]) for t in tasks)
+        if any(len(tasks[t][arm]) > n for t in tasks):
+            notes.append(f"{label(arm)}: the first {n} seeds of each task (the fewest any task has)")
+        matrices[arm] = np.array([[tasks[t][arm][s] for s in sorted(tasks[t][arm])[:n]] for t in tasks]).T
+    return matrices, notes
+
+
+def aggregates(folders: list[Path], reference: str | None = None, profile_png: Path | None = None,
+               reps: int = 10_000, pair_reps: int = 2_000) -> dict:
+    """rliable's IQM with its interval per arm and the probability of improvement per compared pair, for each
+    budget over its tasks (printed; the profiles drawn into profile_png). -> {budget: {"iqm": {arm: (point, lo,
+    hi)}, "poi": {(x, y): (point, lo, hi)}}}"""
+    from rliable import library
+
+    found, out, profiles = budgets(folders), {}, []
+    for budget in sorted(found):
+        tasks = found[budget]
+        matrices, notes = score_matrices(tasks)
+        if not matrices:
+            continue
+        print(f"\n### rliable aggregates at {budget} policy steps: {len(tasks)} task{'s' * (len(tasks) > 1)} "
+              f"({', '.join(tasks)})\n")
+        for note in notes:
+            print(f"- {note}")
+        print(f"{chr(10) if notes else ''}IQM of the runs' scores, 95% stratified bootstrap interval ({reps:,} "
+              "resamples of the runs within each task):\n")
+        print("| arm | runs x tasks | IQM | 95% CI | mean |")
+        print("|---|---|---|---|---|")
+        res = {"iqm": {}, "poi": {}}
+        for arm, m in matrices.items():
+            res["iqm"][arm] = interval(lambda x: np.array([iqm(x)]), m, reps=reps)
+            point, lo, hi = res["iqm"][arm]
+            print(f"| {label(arm)} | {m.shape[0]} x {m.shape[1]} | {point:.1f} | [{lo:.1f}, {hi:.1f}] | "
+                  f"{m.mean():.1f} |")
+        try:
+            pairs = comparisons(list(matrices), reference)
+        except SystemExit as e:  # the reference has no runs at this budget
+            print(f"\n(no probability of improvement: {str(e).removeprefix('error: ')})")
+            pairs = []
+        if pairs:
+            print(f"\nProbability of improvement P(X > Y) over the runs of each task, averaged over the tasks (ties "
+                  f"count half), 95% stratified bootstrap interval ({pair_reps:,} resamples):\n")
+            print("| X | Y | P(X > Y) | 95% CI |")
+            print("|---|---|---|---|")
+            for x, y in pairs:
+                res["poi"][x, y] = interval(probability_of_improvement, matrices[x], matrices[y], reps=pair_reps)
+                point, lo, hi = res["poi"][x, y]
+                print(f"| {label(x)} | {label(y)} | {point:.2f} | [{lo:.2f}, {hi:.2f}] |")
+        out[budget] = res
+        profiles.append((budget, tasks, matrices))
+    if profile_png and profiles:
+        fig, axes = plt.subplots(1, len(profiles), figsize=(5.5 * len(profiles), 3.8), squeeze=False)
+        for ax, (budget, tasks, matrices) in zip(axes[0], profiles):
+            every = np.concatenate([m.ravel() for m in matrices.values()])
+            taus = np.linspace(min(every.min(), 0.0), every.max() * 1.05 + 1e-9, 101)
+            state = np.random.get_state()
+            np.random.seed(0)
+            dist, cis = library.create_performance_profile(matrices, taus, reps=pair_reps)
+            np.random.set_state(state)
+            for arm in matrices:
+                ax.plot(taus, dist[arm], label=label(arm))
+                ax.fill_between(taus, cis[arm][0], cis[arm][1], alpha=0.15)
+            ax.set_title(f"{budget} steps: {', '.join(tasks)}", fontsize=9)
+            ax.set_xlabel("normalized score (mean of the last 3 evaluations) tau")
+            ax.set_ylabel("fraction of runs with score > tau")
+            ax.set_ylim(-0.02, 1.02)
+        axes[0, 0].legend(fontsize=7)
+        fig.tight_layout()
+        profile_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(profile_png, dpi=110)
+        print(f"\nwrote {profile_png}")
+    return out
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=("study", "ablation"))
-    p.add_argument("folder", type=Path)
-    p.add_argument("--png", type=Path)
-    p.add_argument("--env", default="hopper")
+    p.add_argument("folders", type=Path, nargs="+", metavar="folder",
+                   help="study: one folder; ablation: one or more <env>-<dataset> folders (the tasks)")
+    p.add_argument("--png", type=Path, help="the figure (ablation: of one folder)")
+    p.add_argument("--env", default="hopper", help="study: the environment")
+    p.add_argument("--reference", help="ablation: compare each other arm with this one (a folder's arm name such "
+                   "as adept-sac-lambda0, or the sweep's adept, control, diff, alone); default: ADEPT-SAC against "
+                   "each other arm")
+    p.add_argument("--profile-png", type=Path, help="ablation: draw rliable's performance profiles here")
+    p.add_argument("--reps", type=int, default=10_000, help="ablation: bootstrap resamples of the IQM intervals")
     a = p.parse_args()
-    study(a.folder, a.env, a.png) if a.what == "study" else ablation(a.folder, a.png)
+    if a.what == "study" or a.png:
+        if len(a.folders) > 1:
+            p.error("study, and --png, take one folder")
+    if a.what == "study":
+        study(a.folders[0], a.env, a.png)
+    else:
+        for i, folder in enumerate(a.folders):
+            print("\n" * (i > 0), end="")
+            ablation(folder, a.png, a.reference)
+        aggregates(a.folders, a.reference, a.profile_png, a.reps)
