@@ -285,6 +285,8 @@ def test_tanh_gaussian_sample_log_prob_agrees_with_log_prob():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("agent", ["sac", "iql", "bc"])
 def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, agent, capsys):
+    torch.manual_seed(0)  # the seed main() sets: the networks it starts from
+    initial = adept.AGENTS[agent](11, 3, tiny(tmp_path, agent=agent), torch.device("cpu")).state_dict()
     s = adept.main(tiny(tmp_path, agent=agent, world_model=False))
     assert "(mean of the last 2 evaluations" in capsys.readouterr().out
     run = tmp_path / f"hopper-random-{agent}-s0"
@@ -298,7 +300,11 @@ def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, ag
         assert key in summary, key
     assert summary["normalized_score"] == pytest.approx(
         100 * (summary["return"] + 20.272305) / (3234.3 + 20.272305))
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 40
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 40
+    for part in ("actor", "q") if agent != "bc" else ("actor",):  # training moved every layer's weights
+        before, after = dict(_tensors(initial[part])), dict(_tensors(ck["agent"][part]))
+        assert before.keys() == after.keys() and all(not torch.equal(before[k], after[k]) for k in before), part
 
     resumed = adept.main(tiny(tmp_path, agent=agent, world_model=False, total_steps=60, resume=True))
     assert resumed["counts"]["policy_updates"] == 60 and resumed["counts"]["evaluations"] == 3
@@ -680,6 +686,9 @@ def test_adept_closed_loop_runs_every_phase(tmp_path, data, agent):
     assert ck["D_hat"]["size"] == c["model_transitions"]
     pre = torch.load(next((tmp_path / "world_models").glob("*.pt")), weights_only=False)["wm"]
     assert not torch.equal(ck["wm"]["noise_net.0.weight"], pre["noise_net.0.weight"])  # IWU moved the model
+    torch.manual_seed(0)  # the policy main() started from: the policy updates moved every layer
+    initial = adept.AGENTS[agent](11, 3, tiny(tmp_path, agent=agent), torch.device("cpu")).actor.state_dict()
+    assert all(not torch.equal(initial[k], ck["agent"]["actor"][k]) for k in initial)
 
 
 def test_no_importance_sampling_reuses_the_cached_model_and_never_adapts_it(tmp_path, data):
@@ -900,7 +909,6 @@ def test_fitted_behavior_density_represents_uniform_actions():
         pi_D = _fit(policy, s, a)
         w = _weights(uniform, pi_D, s_test, a_test, max_weight=math.inf)  # self-normalized, before truncation
         ess[name] = adept.effective_sample_size(w).item()
-    print(ess)
     assert ess["beta"] >= 0.9 and ess["gaussian"] < 0.6, ess
 
 
@@ -922,7 +930,6 @@ def test_fitted_behavior_density_fits_a_tanh_gaussian_policy():
     s, a, true = draw(5000)
     with torch.no_grad():
         gap = (true.mean() - pi_D.log_prob(s, a).mean()).item() / 3
-    print("gap per dimension", gap)
     assert gap < 0.1, gap
 
 
@@ -1172,7 +1179,7 @@ def test_medium_learner_resumes_after_a_kill_and_stops_at_its_cap(tmp_path, monk
     assert later["transitions"]["timeout"][n - 1] == 1 - later["transitions"]["terminal"][n - 1]  # cut episode
 
 
-def test_dataset_names_and_mismatched_env():
+def test_dataset_ids_and_an_unknown_dataset_name():
     assert adept.dataset_id(Args(dataset="medium-replay")) == "adept/hopper/medium-replay-v0"
     assert adept.dataset_id(Args(dataset="medium", env="walker2d")) == "adept/walker2d/medium-1000000-v0"
     assert adept.dataset_id(Args(dataset="expert")) == "mujoco/hopper/expert-v0"
