@@ -1271,6 +1271,14 @@ def evaluate_and_checkpoint(run: Run, step: int) -> None:
     log.progress.restart(step)  # keep evaluation time out of the windowed speed
 
 
+def machine(device: torch.device) -> dict:
+    """What made the numbers: float results (and so a run's path) can differ between CPU models and libraries."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               None) if os.path.exists("/proc/cpuinfo") else None
+    return {"cpu": cpu, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__, "numpy": np.__version__, "threads": torch.get_num_threads()}
+
+
 def write_summary(run: Run) -> dict:
     """summary.json: the final evaluation, the mean score of the last 3, speed, counts and the arguments."""
     args, log = run.args, run.log
@@ -1287,7 +1295,8 @@ def write_summary(run: Run) -> dict:
         "return": final["return"], "return_std": final["return_std"], "reference_returns": run.refs,
         "train_steps_per_second": log.steps_per_second(),
         "rollout_transitions_per_second": log.rolled / log.rollout_seconds if log.rollout_seconds else None,
-        "wall_seconds": log.wall_seconds(), "device": str(run.device), "counts": log.counts,
+        "wall_seconds": log.wall_seconds(), "device": str(run.device), "machine": machine(run.device),
+        "counts": log.counts,
         **{k: final.get(k) for k in DIAGNOSTICS + UNCERTAINTY if k in final or k in DIAGNOSTICS},
         "args": dataclasses.asdict(args),
     }

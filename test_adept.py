@@ -296,8 +296,9 @@ def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, ag
     assert [int(r["step"]) for r in rows] == [20, 40]
     summary = json.loads((run / "summary.json").read_text())
     for key in ("normalized_score", "normalized_score_std", "return", "env", "dataset", "agent", "seed",
-                "total_steps", "train_steps_per_second", "wall_seconds"):
+                "total_steps", "train_steps_per_second", "wall_seconds", "machine"):
         assert key in summary, key
+    assert summary["machine"]["torch"] == torch.__version__ and summary["machine"]["threads"] == 1
     assert summary["normalized_score"] == pytest.approx(
         100 * (summary["return"] + 20.272305) / (3234.3 + 20.272305))
     ck = torch.load(run / "checkpoint.pt", weights_only=False)
