@@ -397,6 +397,13 @@ def test_tensorboard_events_hold_the_metrics_once_across_a_resume(tmp_path, data
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no step twice
 
 
+def test_a_run_without_the_tensorboard_package_writes_no_events_and_finishes(tmp_path, data, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as on a machine without the package
+    s = adept.main(tiny(tmp_path, total_steps=20, world_model=False))
+    assert s["counts"]["evaluations"] == 1 and "tensorboard is not installed" in capsys.readouterr().out
+    assert not list((tmp_path / "hopper-random-sac-s0").glob("events.out.tfevents.*"))
+
+
 def _tensors(sd, prefix=""):
     """The tensors of a nested state dict (networks, optimizers), with dotted names."""
     for k, v in sd.items():
