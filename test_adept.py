@@ -907,7 +907,7 @@ def _fit(policy, s, a, steps=1500, batch=256):
 
 def test_fitted_behavior_density_represents_uniform_actions():
     """Random data: a ~ U[-1, 1]^6. Against the fitted Beta, a uniform pi_phi gets weights of ESS >= 0.9 at
-    B_m = 1024; against the unbounded Gaussian of earlier versions it does not (issue 7's finding)."""
+    B_m = 1024; against the unbounded Gaussian of earlier versions it does not (the mechanism study's finding)."""
     torch.manual_seed(0)
     s, a = torch.randn(20_000, 11), torch.rand(20_000, 6) * 2 - 1
     uniform = adept.UniformPolicy(6)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, one script (at most ~5 minutes on one GPU). Here first: bash bench/fetch_wheels.sh (the simulator,
-# gymnasium, minari and tyro as wheels into .whl/). On the lent machine, from the repository root, carrying .whl:
+# gymnasium, minari and tyro as wheels into .whl/). On a machine with a GPU, from the repository root, carrying .whl:
 #     bash bench/gpu_check.sh            # results in $OUT (or bench-out/): gpu_check.json, tests.log, check.log
 # 1. the tests, with the end-to-end runs on CUDA (ADEPT_TEST_CUDA=1);
 # 2. bench/gpu_check.py: a run stopped and resumed ends where an uninterrupted run ends; the ADEPT-SAC and SAC steps'
