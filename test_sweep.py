@@ -67,7 +67,7 @@ def sweep_argv(repo: Path, out: Path, *argv: str, extra=()) -> list[str]:
 
 
 def run_sweep(repo: Path, out: Path, *argv: str, extra=()) -> subprocess.CompletedProcess:
-    r = subprocess.run(sweep_argv(repo, out, *argv, extra=extra), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(sweep_argv(repo, out, *argv, extra=extra), capture_output=True, text=True, timeout=900)
     print(r.stdout, r.stderr)  # shown when a test fails
     return r
 
@@ -147,7 +147,7 @@ def test_a_run_killed_after_its_first_checkpoint_is_resumed_by_the_sweep_to_the_
     run_dir = out / "hopper-random" / "hopper-random-adept-sac-s0"
     proc = subprocess.Popen(sweep_argv(repo, out, *argv, extra=extra), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    killed, deadline = None, time.time() + 240
+    killed, deadline = None, time.time() + 900
     while killed is None and time.time() < deadline and proc.poll() is None:
         metrics = run_dir / "metrics.csv"
         if (run_dir / "checkpoint.pt").exists() and metrics.exists() and (run_dir / "sweep.json").exists():
@@ -156,7 +156,7 @@ def test_a_run_killed_after_its_first_checkpoint_is_resumed_by_the_sweep_to_the_
             killed = json.loads((run_dir / "sweep.json").read_text())["pid"]
             os.kill(killed, signal.SIGKILL)  # adept.py, which this test started through the sweep
         time.sleep(0.01)
-    text = proc.communicate(timeout=240)[0]
+    text = proc.communicate(timeout=900)[0]
     print(text)
     assert killed and proc.returncode == 1
     assert "failed   hopper-random-adept-sac-s0" in text and "killed by signal 9 (SIGKILL)" in text

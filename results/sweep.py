@@ -354,6 +354,9 @@ def _execute(spec: dict, wt: Path, run_dir: Path, log: Path, commit: str, lock) 
 # ----------------------------------------------------------------------------------------------------------------
 def start_ray(opts: argparse.Namespace):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at niceness 15, and a run inherits it: beside any other busy process (a run started by
+    # hand, a build) it gets a few percent of a core. The runs are the work here: give them normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if not opts.address:  # read when ray is imported: else Ray maps 127.0.0.1 to this machine's outward address
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
