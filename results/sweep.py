@@ -68,6 +68,7 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,8 +218,11 @@ def worktree(repo: Path, commit: str, path: Path) -> Path:
         if path.exists():
             try:
                 head = git(path, "rev-parse", "HEAD")
-            except RuntimeError as e:
-                raise RuntimeError(f"{path} is not a usable worktree ({e}); delete it and run again") from None
+            except RuntimeError:  # made from a clone that is gone (a new checkout): the sweep's own copy, so remake it
+                shutil.rmtree(path)
+                git(repo, "worktree", "prune")
+                git(repo, "worktree", "add", "--force", "--detach", str(path), commit)
+                return path
             if head != commit:
                 raise RuntimeError(f"{path} holds commit {head}, not {commit}; delete it and run again")
             return path
