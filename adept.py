@@ -1297,7 +1297,7 @@ def write_summary(run: Run) -> dict:
         "rollout_transitions_per_second": log.rolled / log.rollout_seconds if log.rollout_seconds else None,
         "wall_seconds": log.wall_seconds(), "device": str(run.device), "machine": machine(run.device),
         "counts": log.counts,
-        **{k: final.get(k) for k in DIAGNOSTICS + UNCERTAINTY if k in final or k in DIAGNOSTICS},
+        **{k: final.get(k) for k in DIAGNOSTICS}, **{k: final[k] for k in UNCERTAINTY if k in final},
         "args": dataclasses.asdict(args),
     }
     atomic_write(run.dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
