@@ -10,7 +10,7 @@ The file reads top to bottom, the method first and the plumbing last:
   2. normalizer and buffer          6. policy evaluation in the model (PE)
   3. networks, the policy contract  7. importance-sampled world-model update (IWU, Eq. 3)
   4. losses and agents              8. training loop (Algorithm 1), 9. evaluation and diagnostics
-then 10. dataset building and caches, 11. progress and checkpoint I/O, 12. the command-line entry.
+then 10. dataset building and caches, 11. progress and checkpoint I/O, 12. CUDA graphs, 13. the command-line entry.
 
     python adept.py --env hopper --dataset random --agent sac                    # ADEPT-SAC
     python adept.py --env hopper --dataset random --agent sac --no-importance-sampling   # Diff+SAC
@@ -196,6 +196,9 @@ class Args:
     threads made a step 1.3-1.4x faster alone but 2.4-2.6x slower beside one other busy process"""
     cuda: bool = True
     """use CUDA when it is available"""
+    cudagraphs: bool = True
+    """on CUDA, replay the fixed-shape parts of a step (the agent's update, the IWU, the PE rollouts) as captured
+    CUDA graphs: the same computation in a few launches instead of hundreds (section 12); no effect on the CPU"""
 
 
 class EnvInfo(NamedTuple):
@@ -805,15 +808,14 @@ def rollout(wm: WorldModel, policy: Policy, s0: torch.Tensor, horizon: int, dete
     return {**{k: torch.stack(v, 1) for k, v in out.items()}, "valid": torch.stack(valid, 1), "truncated": truncated}
 
 
-def policy_evaluation(wm: WorldModel, pi: Policy, D: Buffer, D_hat: Buffer, args: Args,
-                      generator: torch.Generator | None = None) -> dict[str, float]:
+def policy_evaluation(roll: Callable, D: Buffer, D_hat: Buffer, args: Args) -> dict[str, float]:
     """D_hat <- D_hat U PE(M_{theta,eta}, pi): --rollout-batch-size rollouts of H steps from random states of D.
+    roll(s0) is rollout() with the run's model, pi_phi and settings (see step_functions, section 12).
     -> transitions added, the sum of their u, and the rollouts truncated for uncertainty"""
-    roll = rollout(wm, pi, D.sample(args.rollout_batch_size)["s"], args.horizon, False, args.uncertainty_samples,
-                   args.uncertainty_penalty, args.uncertainty_threshold, generator)
-    D_hat.add({k: roll[k][roll["valid"]] for k in Buffer.FIELDS})  # (n, H, .) -> (valid, .)
-    return {"transitions": int(roll["valid"].sum()), "u_sum": roll["u"][roll["valid"]].sum().item(),
-            "truncated": int(roll["truncated"].sum())}
+    out = roll(D.sample(args.rollout_batch_size)["s"])
+    D_hat.add({k: out[k][out["valid"]] for k in Buffer.FIELDS})  # (n, H, .) -> (valid, .)
+    return {"transitions": int(out["valid"].sum()), "u_sum": out["u"][out["valid"]].sum().item(),
+            "truncated": int(out["truncated"].sum())}
 
 
 def policy_batch(D: Buffer, D_hat: Buffer | None, n: int, model_ratio: float) -> dict[str, torch.Tensor]:
@@ -1036,7 +1038,7 @@ def main(args: Args) -> dict:
     print(f"device: {device} | run folder: {run_dir}", flush=True)
 
     run, _ = setup(args, device, run_dir, pretrain=ck is None)  # resumed: the model and pi_D are in the checkpoint
-    D, agent, wm, wm_opt, D_hat, log = run.D, run.agent, run.wm, run.wm_opt, run.D_hat, run.log
+    D, agent, wm, D_hat, log = run.D, run.agent, run.wm, run.D_hat, run.log
     adapt = args.world_model and args.importance_sampling
 
     run_dir.mkdir(parents=True, exist_ok=True)  # only now that the run can start: a failed start leaves no folder
@@ -1045,18 +1047,20 @@ def main(args: Args) -> dict:
         print(f"{run_dir} already finished {start} steps: nothing to do", flush=True)
         return json.loads((run_dir / "summary.json").read_text())
     log.start(start, run_dir if args.tensorboard else None)
+    update, iwu, roll = step_functions(run)  # agent.update, IWU, rollout(); replayed as CUDA graphs on a GPU
     for step in range(start + 1, args.total_steps + 1):
         log.step_begins()
         if wm is not None and (step - 1) % args.rollout_every == 0:  # D_hat <- D_hat U PE(M_{theta,eta}, pi_phi)
             t = time.perf_counter()
-            pe = policy_evaluation(wm, agent.actor, D, D_hat, args, run.uncertainty_generator)
+            pe = policy_evaluation(roll, D, D_hat, args)
             log.rollouts_done(args.rollout_batch_size, pe, time.perf_counter() - t)
         # Update phi with B ~ D U D_hat via the offline RL method
-        losses = agent.update(policy_batch(D, D_hat, args.batch_size, args.model_ratio))
+        losses = update(policy_batch(D, D_hat, args.batch_size, args.model_ratio))
         if adapt and step % args.iwu_every == 0:  # IWU(pi_phi, D, theta, eta)
-            losses["wm_loss"], ess = importance_sampled_update(wm, wm_opt, agent.actor, D, args, run.iwu_generator)
+            out = iwu()
+            losses["wm_loss"] = out["wm_loss"]
             log.counts["iwu_updates"] += 1
-            log.ess.append(ess)
+            log.ess.append(out["ess"])
         log.step_ends(step, losses)
         if step % args.eval_every == 0 or step == args.total_steps:
             evaluate_and_checkpoint(run, step)
@@ -1822,7 +1826,8 @@ def save_checkpoint(path: Path, step: int, run: Run) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-RESUME_FREE = ("cuda", "threads", "output_dir", "run_name", "resume", "log_every", "tensorboard", "total_steps")
+RESUME_FREE = ("cuda", "cudagraphs", "threads", "output_dir", "run_name", "resume", "log_every", "tensorboard",
+               "total_steps")
 
 
 def read_checkpoint(path: Path, args: Args) -> dict:
@@ -1854,7 +1859,105 @@ def load_checkpoint(ck: dict, run: Run) -> int:
 
 
 # ==================================================================================================================
-# 12. Command-line entry
+# 12. CUDA graphs (--cudagraphs). On a GPU, a step of this file is hundreds of small kernel launches whose cost
+#     is the launching, not the arithmetic (batch 256, width 256). A CUDA graph records a fixed-shape piece of work
+#     once and replays it in one launch: the same kernels on the same memory, so the method is unchanged.
+# ==================================================================================================================
+def step_functions(run: Run) -> tuple[Callable, Callable, Callable]:
+    """The three fixed-shape parts of a step, each returning a dict of tensors: update(batch), the agent's update on
+    a batch of D U D_hat; iwu(), the IWU (it draws its own batch of D); roll(s0), the PE rollouts from (B, S) start
+    states. Plain calls of agent.update, importance_sampled_update and rollout; with --cudagraphs on CUDA, each is
+    captured once as a CUDA graph and replayed. The batch of D U D_hat is drawn outside the graph (D_hat grows, and
+    a graph freezes sizes); so are the resampling IWU (--is-resample-pool) and the masked add of PE to D_hat."""
+    args, agent, wm = run.args, run.agent, run.wm
+
+    def iwu():
+        loss, ess = importance_sampled_update(wm, run.wm_opt, agent.actor, run.D, args, run.iwu_generator)
+        return {"wm_loss": loss, "ess": ess}
+
+    def roll(s0):
+        return rollout(wm, agent.actor, s0, args.horizon, False, args.uncertainty_samples, args.uncertainty_penalty,
+                       args.uncertainty_threshold, run.uncertainty_generator)
+
+    if not (args.cudagraphs and run.device.type == "cuda"):
+        return agent.update, iwu, roll
+    first_rows = lambda n: {k: run.D.data[k][:n] for k in Buffer.FIELDS}  # example inputs: shapes, no random draw
+    update = CudaGraph(agent.update, first_rows(args.batch_size), [getattr(agent, k) for k in agent.state])
+    if wm is not None and args.importance_sampling and not args.is_resample_pool:
+        iwu = CudaGraph(iwu, None, [wm, run.wm_opt], [run.iwu_generator])
+    if wm is not None:
+        roll = CudaGraph(roll, first_rows(args.rollout_batch_size)["s"], [], [run.uncertainty_generator])
+    return update, iwu, roll
+
+
+@contextlib.contextmanager
+def state_kept(objects: list, generators: list[torch.Generator]):
+    """On leaving the block, every tensor of `objects` (modules, optimizers, tensors) and every generator is as it
+    was on entering it; optimizer state made inside (Adam's moments, on a run's first update) is zeroed, which is
+    where Adam starts from. A CUDA graph's capture runs its steps for real first; this undoes them."""
+    def tensors(o) -> list[torch.Tensor]:
+        if isinstance(o, nn.Module):
+            return [*o.parameters(), *o.buffers()]
+        if isinstance(o, torch.optim.Optimizer):
+            return [v for st in o.state.values() for v in st.values() if torch.is_tensor(v)]
+        return [o] if torch.is_tensor(o) else []
+
+    before = [t for o in objects for t in tensors(o)]
+    saved, rng = [t.detach().clone() for t in before], [g.get_state() for g in generators]
+    yield
+    with torch.no_grad():
+        known = {id(t) for t in before}
+        for t in (t for o in objects for t in tensors(o) if id(t) not in known):
+            t.zero_()
+        for t, v in zip(before, saved):
+            t.copy_(v)
+    for g, state in zip(generators, rng):
+        g.set_state(state)
+
+
+class CudaGraph:
+    """fn(x) -> dict of tensors, x a tensor, a dict of tensors or absent, captured once as a CUDA graph: each call
+    copies its x into the graph's own input tensors, replays the graph, and returns copies of its outputs (the next
+    replay overwrites them). `state` lists what fn changes (networks, optimizers), `generators` the run's own random
+    streams it draws from (torch's default CUDA generator is always kept, and needs no registering)."""
+
+    def __init__(self, fn: Callable, x: torch.Tensor | dict | None, state: list,
+                 generators: list[torch.Generator] = ()):
+        for opt in (o for o in state if isinstance(o, torch.optim.Optimizer)):
+            for group in opt.param_groups:
+                group["capturable"] = True  # Adam's step count stays on the GPU: no host sync in a graph
+        self.x = {k: v.clone() for k, v in x.items()} if isinstance(x, dict) else None if x is None else x.clone()
+        self.fn = fn if x is None else (lambda: fn(self.x))
+        self.graph = torch.cuda.CUDAGraph()
+        default = torch.cuda.default_generators[torch.cuda.current_device()]
+        with state_kept(state, [default, *generators]):
+            # Warm-up on a side stream (PyTorch's recipe): the first calls allocate what a graph cannot (Adam's
+            # moments, cuBLAS workspaces, autograd's buffers); state_kept then undoes their updates.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            with warnings.catch_warnings():  # each replay then draws fresh numbers from g's stream (newer PyTorch
+                warnings.simplefilter("ignore")  # registers a generator on first use, and deprecates this call)
+                for g in generators:
+                    self.graph.register_generator_state(g)
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.fn()
+
+    def __call__(self, x: torch.Tensor | dict | None = None) -> dict[str, torch.Tensor]:
+        if isinstance(self.x, dict):  # a batch may carry more fields than the graph reads (D's log pi_D)
+            for k, v in self.x.items():
+                v.copy_(x[k])
+        elif self.x is not None:
+            self.x.copy_(x)
+        self.graph.replay()
+        return {k: v.clone() for k, v in self.outputs.items()}
+
+
+# ==================================================================================================================
+# 13. Command-line entry
 # ==================================================================================================================
 def parse_args(argv: list[str] | None = None) -> Args:
     """tyro's parser, with its framed error box (an unknown --env, say) folded into one line: `error: ...`, exit 2."""

@@ -1,6 +1,7 @@
 """Tests for adept.py: seeded, offline, small data. Run: pytest -q test_adept.py"""
 
 import ast
+import copy
 import csv
 import shutil
 import json
@@ -604,8 +605,10 @@ def test_the_uncertainty_penalty_enters_the_model_reward_exactly():
     unpenalized = adept.Buffer(1000, 4, 2, torch.device("cpu"))
     for penalty, buf in ((0.7, D_hat), (0.0, unpenalized)):
         torch.manual_seed(1)
-        pe = adept.policy_evaluation(wm, pi, D, buf, dataclasses.replace(args, uncertainty_penalty=penalty),
-                                     torch.Generator().manual_seed(2))
+        a, g = dataclasses.replace(args, uncertainty_penalty=penalty), torch.Generator().manual_seed(2)
+        roll = lambda s: adept.rollout(wm, pi, s, a.horizon, False, a.uncertainty_samples, a.uncertainty_penalty,
+                                       a.uncertainty_threshold, g)
+        pe = adept.policy_evaluation(roll, D, buf, a)
         assert pe["transitions"] == 32 * 6 and pe["truncated"] == 0 and pe["u_sum"] > 0
     gap = unpenalized.data["r"][:192] - D_hat.data["r"][:192]
     assert (gap > 0).all() and gap.sum().item() == pytest.approx(0.7 * pe["u_sum"], rel=1e-5)
@@ -717,6 +720,64 @@ def test_a_corrupt_world_model_cache_is_retrained(tmp_path, data):
     s = adept.main(tiny(tmp_path, total_steps=20, importance_sampling=False))
     assert s["counts"]["world_model_pretrain_steps"] == 50
     assert torch.load(cache, weights_only=False)["settings"]["world_model_steps"] == 50  # rewritten whole
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA graphs (--cudagraphs): a capture's warm-up is undone; on a GPU, the graphed parts compute what eager ones do
+# ---------------------------------------------------------------------------------------------------------------
+def test_state_kept_undoes_updates_and_draws():
+    """A capture first runs its steps for real: state_kept gives back the weights, the optimizer moments (zeroed
+    where the block made them, which is a fresh Adam) and the generators, so the next update is the one made
+    without the block."""
+    torch.manual_seed(0)
+    agent = adept.SAC(11, 3, Args(hidden=32), torch.device("cpu"))
+    twin = copy.deepcopy(agent)  # never warmed up
+    b = {"s": torch.randn(64, 11), "a": torch.rand(64, 3) * 2 - 1, "r": torch.randn(64), "s_next": torch.randn(64, 11),
+         "terminal": torch.zeros(64)}
+    torch.manual_seed(5)
+    with adept.state_kept([getattr(agent, k) for k in agent.state], [torch.default_generator]):
+        for _ in range(3):
+            agent.update(b)
+        assert not torch.equal(agent.actor.net[0].weight, twin.actor.net[0].weight)  # it did train
+        assert agent.actor_opt.state  # and made Adam's moments
+    after = torch.rand(4)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(4))  # the generator is where it was
+    outs = []
+    for a in (agent, twin):
+        torch.manual_seed(7)
+        outs.append(a.update(b))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    x, y = dict(_tensors(agent.state_dict())), dict(_tensors(twin.state_dict()))
+    assert x.keys() == y.keys() and len(x) > 20 and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("agent", ["sac", "iql", "bc"])
+def test_graphed_step_parts_equal_eager_ones(tmp_path, data, agent):
+    """The agent's update, the IWU and the PE rollouts (N = 3 samples, penalized), replayed as CUDA graphs, give the
+    eager results on the same inputs and random streams: losses, weights after the updates, rollouts."""
+    args = tiny(tmp_path, agent=agent, cuda=True, uncertainty_samples=3, uncertainty_penalty=1.0)
+    run, _ = adept.setup(args, torch.device("cuda"), tmp_path / "run")
+    eager = adept.step_functions(dataclasses.replace(run, args=dataclasses.replace(args, cudagraphs=False)))
+    batch, s0 = adept.policy_batch(run.D, None, args.batch_size, 0.0), run.D.sample(args.rollout_batch_size)["s"]
+    objs = [getattr(run.agent, k) for k in run.agent.state] + [run.wm, run.wm_opt]
+    gens = [torch.cuda.default_generators[torch.cuda.current_device()], run.iwu_generator, run.uncertainty_generator]
+    weights = lambda: [p.detach().clone() for o in objs if isinstance(o, torch.nn.Module) for p in o.parameters()]
+    with adept.state_kept(objs, gens):
+        want = (eager[0](batch), eager[1](), eager[2](s0))
+        want_weights = weights()
+    graphed = adept.step_functions(run)
+    assert all(isinstance(f, adept.CudaGraph) for f in graphed)
+    got = (graphed[0](batch), graphed[1](), graphed[2](s0))
+    for w, g in zip(want, got):
+        assert w.keys() == g.keys()
+        for k in w:
+            assert torch.allclose(w[k].float(), g[k].float(), rtol=1e-4, atol=1e-5), k
+    for w, g in zip(want_weights, weights()):
+        assert torch.allclose(w, g, rtol=1e-4, atol=1e-6)
+    again = graphed[0](batch)  # a second replay is a second update, not the first again
+    assert not torch.equal(again[next(iter(again))], got[0][next(iter(again))])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 1. Resume: ADEPT-SAC at the paper's settings for --steps policy steps, twice without a stop (A, B: how close two
    uninterrupted runs are, since GPU kernels need not be bit-for-bit repeatable), and once stopped halfway and
    resumed with --resume (C). C passes when it is as close to A as B is (within 10x, or both under 1e-6).
+   The runs use CUDA graphs (--cudagraphs, on by default on CUDA): a capture must not change a run's state.
 2. Speed: the ADEPT-SAC step and the SAC step at the paper's settings (batch 256, hidden 256, B_m 1024, K 10,
-   H 10, 250 rollouts every 250 steps), train_steps_per_second after warm-up, and their ratio.
+   H 10, 250 rollouts every 250 steps), eager and with CUDA graphs, train_steps_per_second after warm-up, their
+   ratios, and whether the graphed ADEPT-SAC step takes at most 5 ms.
 
 Writes <out>/gpu_check.json. On a machine without CUDA it runs on the CPU (to test the script) and says so.
     python bench/gpu_check.py --out /tmp/out [--steps 1000 --speed-steps 3000]
@@ -68,17 +70,24 @@ report["resume"] = {
     "passed": d_ac <= max(10 * d_ab, 1e-6), "device_of_run": sc["device"], "seconds": time.perf_counter() - t0}
 print(report["resume"], flush=True)
 
-# ---- 2. speed at the paper's settings ----
+# ---- 2. speed at the paper's settings, with and without CUDA graphs (--cudagraphs), in this one process ----
 common = dict(total_steps=cli.speed_steps, eval_every=cli.speed_steps, eval_episodes=1)
-adept_sac = adept.main(args(run_name="speed-adept-sac", **common))
-sac = adept.main(args(run_name="speed-sac", world_model=False, **common))
-report["speed"] = {
-    "steps": cli.speed_steps, "adept_sac_steps_per_second": adept_sac["train_steps_per_second"],
-    "sac_steps_per_second": sac["train_steps_per_second"],
-    "adept_sac_ms_per_step": 1000 / adept_sac["train_steps_per_second"],
-    "sac_ms_per_step": 1000 / sac["train_steps_per_second"],
-    "ratio_adept_over_sac": sac["train_steps_per_second"] / adept_sac["train_steps_per_second"],
-    "rollout_transitions_per_second": adept_sac["rollout_transitions_per_second"], "device_of_run": sac["device"]}
+speed = {"steps": cli.speed_steps}
+for graphs in ("eager", "graphed"):
+    for name, kw in (("adept_sac", {}), ("sac", {"world_model": False})):
+        s = adept.main(args(run_name=f"speed-{name}-{graphs}", cudagraphs=graphs == "graphed", **kw, **common))
+        speed[f"{name}_{graphs}_steps_per_second"] = s["train_steps_per_second"]
+        speed[f"{name}_{graphs}_ms_per_step"] = 1000 / s["train_steps_per_second"]
+        if name == "adept_sac":
+            speed[f"adept_sac_{graphs}_rollout_transitions_per_second"] = s["rollout_transitions_per_second"]
+    speed[f"ratio_adept_sac_over_sac_{graphs}"] = (speed[f"adept_sac_{graphs}_ms_per_step"]
+                                                   / speed[f"sac_{graphs}_ms_per_step"])
+for name in ("adept_sac", "sac"):
+    eager, graphed = speed[f"{name}_eager_ms_per_step"], speed[f"{name}_graphed_ms_per_step"]
+    speed[f"{name}_speedup_graphed_over_eager"] = eager / graphed
+speed["adept_sac_graphed_at_most_5_ms"] = speed["adept_sac_graphed_ms_per_step"] <= 5.0
+speed["device_of_run"] = s["device"]
+report["speed"] = speed
 print(report["speed"], flush=True)
 (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
 sys.exit(0 if report["resume"]["passed"] else 1)

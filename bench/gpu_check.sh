@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, one script (at most ~5 minutes on one GPU). Here first: bash bench/fetch_wheels.sh (the simulator,
-# gymnasium, minari and tyro as wheels into .whl/). On a machine with a GPU, from the repository root, carrying .whl:
+# The GPU check, one script (at most 10 minutes on one GPU; about 5 on an H100). Here first:
+# bash bench/fetch_wheels.sh (the simulator, gymnasium, minari and tyro as wheels into .whl/).
+# On a machine with a GPU, from the repository root, carrying .whl:
 #     bash bench/gpu_check.sh            # results in $OUT (or bench-out/): gpu_check.json, tests.log, check.log
 # 1. the tests, with the end-to-end runs on CUDA (ADEPT_TEST_CUDA=1);
 # 2. bench/gpu_check.py: a run stopped and resumed ends where an uninterrupted run ends; the ADEPT-SAC and SAC steps'
@@ -15,7 +16,7 @@ if ! python3 -c "import mujoco, gymnasium, minari, tyro" 2>/dev/null; then  # th
 fi
 export PYTHONUNBUFFERED=1 MUJOCO_GL=disable  # no rendering: EGL is not on every GPU machine
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
-ADEPT_TEST_CUDA=1 timeout 240 python3 -m pytest -q -x -p no:cacheprovider test_adept.py 2>&1 | tee "$out/tests.log" | tail -n 15
+ADEPT_TEST_CUDA=1 timeout 300 python3 -m pytest -q -x -p no:cacheprovider test_adept.py 2>&1 | tee "$out/tests.log" | tail -n 15
 tests=${PIPESTATUS[0]}
 timeout 300 python3 bench/gpu_check.py --out "$out" "$@" 2>&1 | tee "$out/check.log" | grep -E "^\{|Error|Traceback"
 check=${PIPESTATUS[0]}
