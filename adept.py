@@ -1881,12 +1881,15 @@ def step_functions(run: Run) -> tuple[Callable, Callable, Callable]:
 
     if not (args.cudagraphs and run.device.type == "cuda"):
         return agent.update, iwu, roll
-    first_rows = lambda n: {k: run.D.data[k][:n] for k in Buffer.FIELDS}  # example inputs: shapes, no random draw
-    update = CudaGraph(agent.update, first_rows(args.batch_size), [getattr(agent, k) for k in agent.state])
+    def example(n):  # a batch of n rows of D to capture with, drawn without touching a generator
+        idx = torch.arange(n, device=run.device) % run.D.size
+        return {k: run.D.data[k][idx] for k in Buffer.FIELDS}
+
+    update = CudaGraph(agent.update, example(args.batch_size), [getattr(agent, k) for k in agent.state])
     if wm is not None and args.importance_sampling and not args.is_resample_pool:
         iwu = CudaGraph(iwu, None, [wm, run.wm_opt], [run.iwu_generator])
     if wm is not None:
-        roll = CudaGraph(roll, first_rows(args.rollout_batch_size)["s"], [], [run.uncertainty_generator])
+        roll = CudaGraph(roll, example(args.rollout_batch_size)["s"], [], [run.uncertainty_generator])
     return update, iwu, roll
 
 

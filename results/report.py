@@ -22,6 +22,20 @@ ablation: per arm, each run scored by the mean of its last 3 evaluations; mean +
 
     python results/report.py ablation results/ablation/hopper-random results/ablation/halfcheetah-random \
         --reference control --profile-png profiles.png
+
+milestones: every run of a folder, finished or still running, at each of --at policy steps: its score (the mean
+    normalized score of the last 3 evaluations up to that step, the ablation's score), the model's H-step state and
+    return errors against the simulator and eps_pi (means over the same evaluations); the figure: the curves of the
+    score, the two errors and eps_pi, one line per run.
+calibration: the uncertainty penalty's grid (runs named ...-samples<N>[-upenalty<x>][-uthreshold<y>]-s<seed>), one
+    row per cell: the H-step errors averaged over the evaluations of the second half of the budget (--budget), the
+    score, the mean u of the rollouts, the truncated share and Spearman(u, error); then the choice, by the rule
+    fixed before the grid ran: the cells whose return error is within 10% of the lowest, and of those the best
+    score.
+
+    python results/report.py milestones results/paper-budget/halfcheetah-random --at 100000 300000 1000000 \
+        --png results/paper-budget/halfcheetah-random.png
+    python results/report.py calibration results/penalty/calibration --budget 50000
 """
 
 import argparse
@@ -385,9 +399,95 @@ def aggregates(folders: list[Path], reference: str | None = None, profile_png: P
     return out
 
 
+def all_runs(folder: Path) -> dict:
+    """Every run of a folder, finished or not: run folder name -> rows of metrics.csv."""
+    return {m.parent.name: read_csv(m) for m in sorted(folder.glob("*/metrics.csv"))}
+
+
+def window_mean(rows: list[dict], key: str, upto: float, n: int = 3) -> float:
+    """Mean of `key` over the last n evaluations at or before step `upto` (nan if the run has not reached it)."""
+    if not rows or rows[-1]["step"] < upto:
+        return float("nan")
+    v = [r.get(key, np.nan) for r in rows if r["step"] <= upto][-n:]
+    return float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan")
+
+
+MILESTONE_KEYS = (("normalized_score", "score", ".1f"), ("sim_state_error_h", "state err (H)", ".3g"),
+                  ("sim_return_error_h", "return err (H)", ".3g"), ("eps_pi", "eps_pi", ".3g"))
+
+
+def milestones(folder: Path, at: list[int], png: Path | None) -> None:
+    runs = all_runs(folder)
+    print(f"### {folder.name}: at each step, means over the last 3 evaluations up to it ('-': not reached)\n")
+    print("| run | finished | latest step | " + " | ".join(f"{name} @ {s // 1000}k" for s in at
+                                                        for _, name, _ in MILESTONE_KEYS) + " |")
+    print("|---|---|---|" + "---|" * (len(at) * len(MILESTONE_KEYS)))
+    for name, rows in runs.items():
+        cells = []
+        for step in at:
+            for key, _, fmt in MILESTONE_KEYS:
+                v = window_mean(rows, key, step)
+                cells.append("-" if np.isnan(v) else format(v, fmt))
+        done = "yes" if (folder / name / "summary.json").exists() else "running"
+        print(f"| {name.removeprefix(folder.name + '-')} | {done} | {int(rows[-1]['step'])} | {' | '.join(cells)} |")
+    if png:
+        fig, axes = plt.subplots(1, len(MILESTONE_KEYS), figsize=(4.2 * len(MILESTONE_KEYS), 3.6))
+        for name, rows in runs.items():
+            x = [r["step"] for r in rows]
+            for ax, (key, title, _) in zip(axes, MILESTONE_KEYS):
+                y = [r.get(key, np.nan) for r in rows]
+                if not np.all(np.isnan(y)):
+                    ax.plot(x, y, label=name.removeprefix(folder.name + "-"))
+                ax.set_title(f"{folder.name}: {title}" if key == "normalized_score" else title, fontsize=9)
+                ax.set_xlabel("policy steps")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png, dpi=110)
+        print(f"\nwrote {png}")
+
+
+def penalty_setting(run: str) -> tuple[float, float | None]:
+    """(lambda_u, threshold) from a run name's -upenalty<x> and -uthreshold<y> (0 and None where absent)."""
+    parts = run.split("-")
+    get = lambda prefix: next((float(p.removeprefix(prefix)) for p in parts if p.startswith(prefix)), None)
+    return get("upenalty") or 0.0, get("uthreshold")
+
+
+def calibration(folder: Path, budget: int) -> None:
+    runs = all_runs(folder)
+    late = lambda rows, key: float(np.nanmean([r.get(key, np.nan) for r in rows if r["step"] > budget / 2]))
+    rows_out = []
+    for name, rows in runs.items():
+        lam, thr = penalty_setting(name)
+        done = rows[-1]["step"] >= budget
+        rows_out.append(dict(name=name, lam=lam, thr=thr, step=int(rows[-1]["step"]), done=done,
+                             state=late(rows, "sim_state_error_h"), ret=late(rows, "sim_return_error_h"),
+                             score=run_score(rows), u=late(rows, "u_rollout"), trunc=late(rows, "truncated_share"),
+                             rho=late(rows, "u_error_rank_corr"), eps_pi=late(rows, "eps_pi")))
+    rows_out.sort(key=lambda r: (r["thr"] is not None, r["lam"]))
+    print(f"### {folder.name}: means over the evaluations after {budget // 2} steps; score: last 3 evaluations\n")
+    print("| lambda_u | threshold | steps | H-step return err | H-step state err | score | eps_pi | mean u | "
+          "truncated | Spearman(u, err) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows_out:
+        print(f"| {r['lam']:g} | {'-' if r['thr'] is None else format(r['thr'], 'g')} | {r['step']} | "
+              f"{r['ret']:.3g} | {r['state']:.3g} | {r['score']:.1f} | {r['eps_pi']:.3g} | {r['u']:.3g} | "
+              f"{r['trunc']:.3f} | {r['rho']:.2f} |")
+    penalized = [r for r in rows_out if r["lam"] > 0 or r["thr"] is not None]
+    if not penalized or not all(r["done"] for r in penalized):
+        print(f"\nno choice yet: {sum(not r['done'] for r in penalized)} cell(s) of the grid have not reached "
+              f"{budget} steps")
+        return
+    best = min(r["ret"] for r in penalized)
+    pick = max((r for r in penalized if r["ret"] <= 1.1 * best), key=lambda r: r["score"])
+    print(f"\nchoice: lambda_u = {pick['lam']:g}, threshold {pick['thr']} (H-step return error {pick['ret']:.3g}, "
+          f"lowest {best:.3g}; score {pick['score']:.1f})")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("study", "ablation"))
+    p.add_argument("what", choices=("study", "ablation", "milestones", "calibration"))
     p.add_argument("folders", type=Path, nargs="+", metavar="folder",
                    help="study: one folder; ablation: one or more <env>-<dataset> folders (the tasks)")
     p.add_argument("--png", type=Path, help="the figure (ablation: of one folder)")
@@ -397,12 +497,19 @@ if __name__ == "__main__":
                    "each other arm")
     p.add_argument("--profile-png", type=Path, help="ablation: draw rliable's performance profiles here")
     p.add_argument("--reps", type=int, default=10_000, help="ablation: bootstrap resamples of the IQM intervals")
+    p.add_argument("--at", type=int, nargs="+", default=[100_000, 300_000, 1_000_000],
+                   help="milestones: the policy steps to report")
+    p.add_argument("--budget", type=int, default=50_000, help="calibration: the grid's policy steps")
     a = p.parse_args()
-    if a.what == "study" or a.png:
+    if a.what in ("study", "milestones", "calibration") or a.png:
         if len(a.folders) > 1:
-            p.error("study, and --png, take one folder")
+            p.error("study, milestones, calibration and --png take one folder")
     if a.what == "study":
         study(a.folders[0], a.env, a.png)
+    elif a.what == "milestones":
+        milestones(a.folders[0], a.at, a.png)
+    elif a.what == "calibration":
+        calibration(a.folders[0], a.budget)
     else:
         for i, folder in enumerate(a.folders):
             print("\n" * (i > 0), end="")
