@@ -4,7 +4,9 @@ results/report.py: seeded, offline, tiny budgets, temporary folders only. Run: p
 import csv
 import importlib.util
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -272,3 +274,39 @@ def test_report_aggregates_the_tasks_of_a_budget_against_any_reference(tmp_path,
     d = truth["adept-sac"][:, 0] - truth["sac"][:, 0]
     assert "Paired difference arm - SAC, per seed" in text
     assert f"| ADEPT-SAC | {', '.join(f'{v:+.1f}' for v in d)} | {d.mean():+.1f} |" in text
+
+
+def write_cell(folder: Path, name: str, ret_error: float, scores: list[float], done: bool = True) -> None:
+    """A calibration run of 4 evaluations (of a 400-step budget) whose H-step return error is ret_error after 200."""
+    run = folder / name
+    run.mkdir(parents=True)
+    keys = ["step", "normalized_score", "sim_return_error_h", "sim_state_error_h", "eps_pi", "u_rollout",
+            "truncated_share", "u_error_rank_corr"]
+    with open(run / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        for i, score in enumerate(scores[: 4 if done else 2]):
+            w.writerow({"step": 100 * (i + 1), "normalized_score": score, "sim_state_error_h": 0.3, "eps_pi": 0.9,
+                        "sim_return_error_h": 5.0 if i < 2 else ret_error, "u_rollout": 0.04,
+                        "truncated_share": 0.0, "u_error_rank_corr": 0.4})
+
+
+def test_calibration_picks_the_best_score_among_the_lowest_return_errors(tmp_path, capsys):
+    """The rule: candidates within 10% of the lowest late H-step return error, then the best score of them; the
+    errors of the first half of the budget do not count, and nothing is chosen before every cell has finished."""
+    folder = tmp_path / "calibration"
+    write_cell(folder, "hopper-random-adept-sac-samples5-s10", 0.10, [1, 2, 3, 99])  # no penalty: not a candidate
+    write_cell(folder, "hopper-random-adept-sac-samples5-upenalty2-s10", 0.20, [9, 9, 10, 10])
+    write_cell(folder, "hopper-random-adept-sac-samples5-upenalty5-s10", 0.21, [9, 9, 20, 20])
+    write_cell(folder, "hopper-random-adept-sac-samples5-upenalty10-uthreshold0.1-s10", 0.30, [40, 40, 40, 40])
+    write_cell(folder, "hopper-random-adept-sac-samples5-upenalty20-s10", 0.25, [9, 9, 9, 9], done=False)
+    assert report.calibration(folder, budget=400) is None  # lambda_u = 20 has not finished
+    assert "no choice yet: 1 cell(s)" in capsys.readouterr().out
+    shutil.rmtree(folder / "hopper-random-adept-sac-samples5-upenalty20-s10")
+    pick = report.calibration(folder, budget=400)
+    assert (pick["lam"], pick["thr"], pick["ret"]) == (5.0, None, pytest.approx(0.21))
+    assert pick["score"] == pytest.approx((9 + 20 + 20) / 3)
+    assert report.penalty_setting("hopper-random-adept-sac-samples5-upenalty10-uthreshold0.1-s10") == (10.0, 0.1)
+    rows = report.read_csv(folder / "hopper-random-adept-sac-samples5-upenalty2-s10/metrics.csv")
+    assert report.window_mean(rows, "normalized_score", 300) == pytest.approx((9 + 9 + 10) / 3)
+    assert math.isnan(report.window_mean(rows, "normalized_score", 500))  # not reached

@@ -454,9 +454,12 @@ def penalty_setting(run: str) -> tuple[float, float | None]:
     return get("upenalty") or 0.0, get("uthreshold")
 
 
-def calibration(folder: Path, budget: int) -> None:
+def calibration(folder: Path, budget: int) -> dict | None:
     runs = all_runs(folder)
-    late = lambda rows, key: float(np.nanmean([r.get(key, np.nan) for r in rows if r["step"] > budget / 2]))
+    def late(rows, key):  # the mean over the evaluations after half of the budget; nan before it
+        v = np.array([r.get(key, np.nan) for r in rows if r["step"] > budget / 2], dtype=float)
+        return float(v[~np.isnan(v)].mean()) if (~np.isnan(v)).any() else float("nan")
+
     rows_out = []
     for name, rows in runs.items():
         lam, thr = penalty_setting(name)
@@ -478,11 +481,12 @@ def calibration(folder: Path, budget: int) -> None:
     if not penalized or not all(r["done"] for r in penalized):
         print(f"\nno choice yet: {sum(not r['done'] for r in penalized)} cell(s) of the grid have not reached "
               f"{budget} steps")
-        return
+        return None
     best = min(r["ret"] for r in penalized)
     pick = max((r for r in penalized if r["ret"] <= 1.1 * best), key=lambda r: r["score"])
     print(f"\nchoice: lambda_u = {pick['lam']:g}, threshold {pick['thr']} (H-step return error {pick['ret']:.3g}, "
           f"lowest {best:.3g}; score {pick['score']:.1f})")
+    return pick
 
 
 if __name__ == "__main__":
