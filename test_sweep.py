@@ -300,10 +300,11 @@ def test_calibration_picks_the_best_score_among_the_lowest_return_errors(tmp_pat
     write_cell(folder, "hopper-random-adept-sac-samples5-upenalty5-s10", 0.21, [9, 9, 20, 20])
     write_cell(folder, "hopper-random-adept-sac-samples5-upenalty10-uthreshold0.1-s10", 0.30, [40, 40, 40, 40])
     write_cell(folder, "hopper-random-adept-sac-samples5-upenalty20-s10", 0.25, [9, 9, 9, 9], done=False)
-    assert report.calibration(folder, budget=400) is None  # lambda_u = 20 has not finished
-    assert "no choice yet: 1 cell(s)" in capsys.readouterr().out
+    assert report.calibration(folder, budget=400, cells=4) is None  # lambda_u = 20 has not finished
+    assert "no choice yet: 3 of the grid's 4 cells" in capsys.readouterr().out
     shutil.rmtree(folder / "hopper-random-adept-sac-samples5-upenalty20-s10")
-    pick = report.calibration(folder, budget=400)
+    assert report.calibration(folder, budget=400, cells=4) is None  # nor begun
+    pick = report.calibration(folder, budget=400, cells=3)
     assert (pick["lam"], pick["thr"], pick["ret"]) == (5.0, None, pytest.approx(0.21))
     assert pick["score"] == pytest.approx((9 + 20 + 20) / 3)
     assert report.penalty_setting("hopper-random-adept-sac-samples5-upenalty10-uthreshold0.1-s10") == (10.0, 0.1)

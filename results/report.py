@@ -29,9 +29,9 @@ milestones: every run of a folder, finished or still running, at each of --at po
     score, the two errors and eps_pi, one line per run.
 calibration: the uncertainty penalty's grid (runs named ...-samples<N>[-upenalty<x>][-uthreshold<y>]-s<seed>), one
     row per cell: the H-step errors averaged over the evaluations of the second half of the budget (--budget), the
-    score, the mean u of the rollouts, the truncated share and Spearman(u, error); then the choice, by the rule
-    fixed before the grid ran: the cells whose return error is within 10% of the lowest, and of those the best
-    score.
+    score, the mean u of the rollouts, the truncated share and Spearman(u, error); then, once all --cells penalized
+    cells have run --budget steps, the choice, by the rule fixed before the grid ran: the cells whose return error
+    is within 10% of the lowest, and of those the best score.
 
     python results/report.py milestones results/paper-budget/halfcheetah-random --at 100000 300000 1000000 \
         --png results/paper-budget/halfcheetah-random.png
@@ -454,7 +454,7 @@ def penalty_setting(run: str) -> tuple[float, float | None]:
     return get("upenalty") or 0.0, get("uthreshold")
 
 
-def calibration(folder: Path, budget: int) -> dict | None:
+def calibration(folder: Path, budget: int, cells: int = 8) -> dict | None:
     runs = all_runs(folder)
     def late(rows, key):  # the mean over the evaluations after half of the budget; nan before it
         v = np.array([r.get(key, np.nan) for r in rows if r["step"] > budget / 2], dtype=float)
@@ -478,9 +478,9 @@ def calibration(folder: Path, budget: int) -> dict | None:
               f"{r['ret']:.3g} | {r['state']:.3g} | {r['score']:.1f} | {r['eps_pi']:.3g} | {r['u']:.3g} | "
               f"{r['trunc']:.3f} | {r['rho']:.2f} |")
     penalized = [r for r in rows_out if r["lam"] > 0 or r["thr"] is not None]
-    if not penalized or not all(r["done"] for r in penalized):
-        print(f"\nno choice yet: {sum(not r['done'] for r in penalized)} cell(s) of the grid have not reached "
-              f"{budget} steps")
+    finished = sum(r["done"] for r in penalized)
+    if finished < cells:
+        print(f"\nno choice yet: {finished} of the grid's {cells} cells have run {budget} steps")
         return None
     best = min(r["ret"] for r in penalized)
     pick = max((r for r in penalized if r["ret"] <= 1.1 * best), key=lambda r: r["score"])
@@ -504,6 +504,7 @@ if __name__ == "__main__":
     p.add_argument("--at", type=int, nargs="+", default=[100_000, 300_000, 1_000_000],
                    help="milestones: the policy steps to report")
     p.add_argument("--budget", type=int, default=50_000, help="calibration: the grid's policy steps")
+    p.add_argument("--cells", type=int, default=8, help="calibration: the grid's penalized cells")
     a = p.parse_args()
     if a.what in ("study", "milestones", "calibration") or a.png:
         if len(a.folders) > 1:
@@ -513,7 +514,7 @@ if __name__ == "__main__":
     elif a.what == "milestones":
         milestones(a.folders[0], a.at, a.png)
     elif a.what == "calibration":
-        calibration(a.folders[0], a.budget)
+        calibration(a.folders[0], a.budget, a.cells)
     else:
         for i, folder in enumerate(a.folders):
             print("\n" * (i > 0), end="")
