@@ -1881,6 +1881,7 @@ def step_functions(run: Run) -> tuple[Callable, Callable, Callable]:
 
     if not (args.cudagraphs and run.device.type == "cuda"):
         return agent.update, iwu, roll
+
     def example(n):  # a batch of n rows of D to capture with, drawn without touching a generator
         idx = torch.arange(n, device=run.D.data["s"].device) % run.D.size
         return {k: run.D.data[k][idx] for k in Buffer.FIELDS}

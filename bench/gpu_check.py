@@ -8,7 +8,9 @@
    H 10, 250 rollouts every 250 steps), eager and with CUDA graphs, train_steps_per_second after warm-up, their
    ratios, and whether the graphed ADEPT-SAC step takes at most 5 ms.
 
-Writes <out>/gpu_check.json. On a machine without CUDA it runs on the CPU (to test the script) and says so.
+Writes <out>/gpu_check.json after each part; a part that fails is recorded with its traceback and the next parts
+still run, so that one device run says as much as it can. On a machine without CUDA it runs on the CPU (to test the
+script) and says so.
     python bench/gpu_check.py --out /tmp/out [--steps 1000 --speed-steps 3000]
 """
 
@@ -18,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -50,44 +53,64 @@ def args(**kw) -> adept.Args:
 
 def actor_distance(run_a: str, run_b: str) -> float:
     """Largest absolute difference between the final actor and world-model weights of two runs."""
-    a, b = (torch.load(work / "runs" / r / "checkpoint.pt", map_location="cpu", weights_only=False) for r in (run_a, run_b))
+    a, b = (torch.load(work / "runs" / r / "checkpoint.pt", map_location="cpu", weights_only=False)
+            for r in (run_a, run_b))
     pairs = [(a["agent"]["actor"], b["agent"]["actor"]), (a["wm"], b["wm"])]
     return max((x[k].float() - y[k].float()).abs().max().item() for x, y in pairs for k in x)
 
 
-# ---- 1. resume ----
-t0 = time.perf_counter()
-half, n = cli.steps // 2, cli.steps
-adept.main(args(run_name="pretrain", total_steps=1))  # fills the world-model cache, so that A, B and C all load it
-sa = adept.main(args(run_name="A", total_steps=n, eval_every=half))
-sb = adept.main(args(run_name="B", total_steps=n, eval_every=half))
-adept.main(args(run_name="C", total_steps=half, eval_every=half))
-sc = adept.main(args(run_name="C", total_steps=n, eval_every=half, resume=True))
-d_ab, d_ac = actor_distance("A", "B"), actor_distance("A", "C")
-report["resume"] = {
-    "steps": n, "stopped_at": half, "max_weight_diff_two_uninterrupted": d_ab, "max_weight_diff_resumed": d_ac,
-    "score_A": sa["normalized_score"], "score_B": sb["normalized_score"], "score_resumed": sc["normalized_score"],
-    "passed": d_ac <= max(10 * d_ab, 1e-6), "device_of_run": sc["device"], "seconds": time.perf_counter() - t0}
-print(report["resume"], flush=True)
+def save() -> None:  # after each part: a part that fails or runs out of time leaves the others' results
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
 
-# ---- 2. speed at the paper's settings, with and without CUDA graphs (--cudagraphs), in this one process ----
-common = dict(total_steps=cli.speed_steps, eval_every=cli.speed_steps, eval_episodes=1)
-speed = {"steps": cli.speed_steps}
-for graphs in ("eager", "graphed"):
+
+def part(name: str, fn) -> None:
+    """Run one part of the check; an exception is recorded in the report (the next parts still run)."""
+    try:
+        report[name] = fn()
+    except Exception:
+        report[name] = {"passed": False, "error": traceback.format_exc()[-3000:]}
+    print({name: report[name]}, flush=True)
+    save()
+
+
+def resume() -> dict:
+    t0 = time.perf_counter()
+    half, n = cli.steps // 2, cli.steps
+    adept.main(args(run_name="pretrain", total_steps=1))  # fills the world-model cache: A, B and C all load it
+    sa = adept.main(args(run_name="A", total_steps=n, eval_every=half))
+    sb = adept.main(args(run_name="B", total_steps=n, eval_every=half))
+    adept.main(args(run_name="C", total_steps=half, eval_every=half))
+    sc = adept.main(args(run_name="C", total_steps=n, eval_every=half, resume=True))
+    d_ab, d_ac = actor_distance("A", "B"), actor_distance("A", "C")
+    return {"steps": n, "stopped_at": half, "cudagraphs": sc["args"]["cudagraphs"],
+            "max_weight_diff_two_uninterrupted": d_ab, "max_weight_diff_resumed": d_ac,
+            "score_A": sa["normalized_score"], "score_B": sb["normalized_score"], "score_resumed": sc["normalized_score"],
+            "passed": d_ac <= max(10 * d_ab, 1e-6), "device_of_run": sc["device"], "seconds": time.perf_counter() - t0}
+
+
+def speed(graphs: bool) -> dict:
+    """The ADEPT-SAC and SAC steps at the paper's settings, eager or with CUDA graphs (--cudagraphs)."""
+    common, mode, res = dict(total_steps=cli.speed_steps, eval_every=cli.speed_steps, eval_episodes=1), \
+        "graphed" if graphs else "eager", {"steps": cli.speed_steps}
     for name, kw in (("adept_sac", {}), ("sac", {"world_model": False})):
-        s = adept.main(args(run_name=f"speed-{name}-{graphs}", cudagraphs=graphs == "graphed", **kw, **common))
-        speed[f"{name}_{graphs}_steps_per_second"] = s["train_steps_per_second"]
-        speed[f"{name}_{graphs}_ms_per_step"] = 1000 / s["train_steps_per_second"]
+        s = adept.main(args(run_name=f"speed-{name}-{mode}", cudagraphs=graphs, **kw, **common))
+        res[f"{name}_{mode}_steps_per_second"] = s["train_steps_per_second"]
+        res[f"{name}_{mode}_ms_per_step"] = 1000 / s["train_steps_per_second"]
         if name == "adept_sac":
-            speed[f"adept_sac_{graphs}_rollout_transitions_per_second"] = s["rollout_transitions_per_second"]
-    speed[f"ratio_adept_sac_over_sac_{graphs}"] = (speed[f"adept_sac_{graphs}_ms_per_step"]
-                                                   / speed[f"sac_{graphs}_ms_per_step"])
-for name in ("adept_sac", "sac"):
-    eager, graphed = speed[f"{name}_eager_ms_per_step"], speed[f"{name}_graphed_ms_per_step"]
-    speed[f"{name}_speedup_graphed_over_eager"] = eager / graphed
-speed["adept_sac_graphed_at_most_5_ms"] = speed["adept_sac_graphed_ms_per_step"] <= 5.0
-speed["device_of_run"] = s["device"]
-report["speed"] = speed
-print(report["speed"], flush=True)
-(out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-sys.exit(0 if report["resume"]["passed"] else 1)
+            res[f"adept_sac_{mode}_rollout_transitions_per_second"] = s["rollout_transitions_per_second"]
+    res[f"ratio_adept_sac_over_sac_{mode}"] = res[f"adept_sac_{mode}_ms_per_step"] / res[f"sac_{mode}_ms_per_step"]
+    res["device_of_run"] = s["device"]
+    return res
+
+
+part("resume", resume)  # with graphs where CUDA is there (the default)
+part("speed_eager", lambda: speed(False))
+part("speed_graphed", lambda: speed(True))
+e, g = report["speed_eager"], report["speed_graphed"]
+if "error" not in e and "error" not in g:
+    report["speed"] = {**{f"{k}_speedup_graphed_over_eager": e[f"{k}_eager_ms_per_step"] / g[f"{k}_graphed_ms_per_step"]
+                          for k in ("adept_sac", "sac")},
+                       "adept_sac_graphed_at_most_5_ms": g["adept_sac_graphed_ms_per_step"] <= 5.0}
+    print(report["speed"], flush=True)
+    save()
+sys.exit(0 if all(report[k].get("passed", True) for k in ("resume", "speed_eager", "speed_graphed")) else 1)

@@ -16,9 +16,9 @@ if ! python3 -c "import mujoco, gymnasium, minari, tyro" 2>/dev/null; then  # th
 fi
 export PYTHONUNBUFFERED=1 MUJOCO_GL=disable  # no rendering: EGL is not on every GPU machine
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
-ADEPT_TEST_CUDA=1 timeout 300 python3 -m pytest -q -x -p no:cacheprovider test_adept.py 2>&1 | tee "$out/tests.log" | tail -n 15
+ADEPT_TEST_CUDA=1 timeout 300 python3 -m pytest -q -p no:cacheprovider test_adept.py 2>&1 | tee "$out/tests.log" | tail -n 15
 tests=${PIPESTATUS[0]}
-timeout 300 python3 bench/gpu_check.py --out "$out" "$@" 2>&1 | tee "$out/check.log" | grep -E "^\{|Error|Traceback"
+timeout 300 python3 bench/gpu_check.py --out "$out" "$@" 2>&1 | tee "$out/check.log" | grep -E "^\{|Error|Traceback" | cut -c1-2000
 check=${PIPESTATUS[0]}
 echo "tests exit $tests, check exit $check"
 [ "$tests" = 0 ] && [ "$check" = 0 ]
