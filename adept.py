@@ -1693,8 +1693,8 @@ WORLD_MODEL_SETTINGS = DATA_SETTINGS + ("seed", "lr", "world_model_steps", "worl
                                         "denoising_steps", "cosine_s", "model_hidden", "model_depth", "cond_drop_prob")
 BEHAVIOR_SETTINGS = DATA_SETTINGS + ("seed", "lr", "behavior_density", "behavior_steps", "batch_size", "hidden")
 RUN_ONLY = {  # Args fields that do not shape what is cached (a test checks that every field is in one of the three)
-    "agent", "cuda", "cudagraphs", "threads", "output_dir", "run_name", "resume", "total_steps", "gamma", "tau", "iql_expectile",
-    "iql_temperature", "eval_every", "eval_episodes", "log_every", "world_model", "importance_sampling",
+    "agent", "cuda", "cudagraphs", "threads", "output_dir", "run_name", "resume", "total_steps", "gamma", "tau",
+    "iql_expectile", "iql_temperature", "eval_every", "eval_episodes", "log_every", "world_model", "importance_sampling",
     "guidance_weight", "horizon", "rollout_every", "rollout_batch_size", "model_buffer_size", "model_ratio",
     "is_batch_size", "iwu_every", "is_max_weight", "is_self_normalize", "is_exponent", "iwu_lr", "is_resample_pool",
     "diag_samples", "sim_check_states", "online_steps_cap", "clip", "uncertainty_samples", "uncertainty_penalty",
