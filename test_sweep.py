@@ -311,3 +311,5 @@ def test_calibration_picks_the_best_score_among_the_lowest_return_errors(tmp_pat
     rows = report.read_csv(folder / "hopper-random-adept-sac-samples5-upenalty2-s10/metrics.csv")
     assert report.window_mean(rows, "normalized_score", 300) == pytest.approx((9 + 9 + 10) / 3)
     assert math.isnan(report.window_mean(rows, "normalized_score", 500))  # not reached
+    report.milestones(folder, [300], None)
+    assert "| adept-sac-samples5-upenalty2-s10 | running | 400 | 9.3 |" in capsys.readouterr().out  # no summary.json

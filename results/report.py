@@ -40,6 +40,7 @@ calibration: the uncertainty penalty's grid (runs named ...-samples<N>[-upenalty
 
 import argparse
 import csv
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -416,6 +417,11 @@ MILESTONE_KEYS = (("normalized_score", "score", ".1f"), ("sim_state_error_h", "s
                   ("sim_return_error_h", "return err (H)", ".3g"), ("eps_pi", "eps_pi", ".3g"))
 
 
+def short_name(run: str) -> str:
+    """A run's name without its <env>-<dataset>- prefix: adept-sac-samples5-upenalty2-s10."""
+    return re.sub(r"^[a-z0-9]+-(random|medium-replay|medium|expert|simple)-", "", run)
+
+
 def milestones(folder: Path, at: list[int], png: Path | None) -> None:
     runs = all_runs(folder)
     print(f"### {folder.name}: at each step, means over the last 3 evaluations up to it ('-': not reached)\n")
@@ -429,7 +435,7 @@ def milestones(folder: Path, at: list[int], png: Path | None) -> None:
                 v = window_mean(rows, key, step)
                 cells.append("-" if np.isnan(v) else format(v, fmt))
         done = "yes" if (folder / name / "summary.json").exists() else "running"
-        print(f"| {name.removeprefix(folder.name + '-')} | {done} | {int(rows[-1]['step'])} | {' | '.join(cells)} |")
+        print(f"| {short_name(name)} | {done} | {int(rows[-1]['step'])} | {' | '.join(cells)} |")
     if png:
         fig, axes = plt.subplots(1, len(MILESTONE_KEYS), figsize=(4.2 * len(MILESTONE_KEYS), 3.6))
         for name, rows in runs.items():
@@ -437,7 +443,7 @@ def milestones(folder: Path, at: list[int], png: Path | None) -> None:
             for ax, (key, title, _) in zip(axes, MILESTONE_KEYS):
                 y = [r.get(key, np.nan) for r in rows]
                 if not np.all(np.isnan(y)):
-                    ax.plot(x, y, label=name.removeprefix(folder.name + "-"))
+                    ax.plot(x, y, label=short_name(name))
                 ax.set_title(f"{folder.name}: {title}" if key == "normalized_score" else title, fontsize=9)
                 ax.set_xlabel("policy steps")
         axes[0].legend(fontsize=7)
