@@ -55,6 +55,13 @@ ERRORS = ("onpolicy_state_error_h", "pe_return_error", "onpolicy_state_error", "
 HEADLINE = ("onpolicy_state_error_h", "pe_return_error")  # the errors PE depends on: under the policy, H steps
 
 
+def save_figure(fig, png: Path) -> None:
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"\nwrote {png}")
+
+
 def read_csv(path: Path) -> list[dict]:
     return [{k: float(v) if v not in ("", "nan") else float("nan") for k, v in row.items()}
             for row in csv.DictReader(open(path))]
@@ -139,10 +146,7 @@ def study(folder: Path, env: str, png: Path | None) -> None:
                 ax.set_title(f"{env}, target {target}: {e}", fontsize=9)
                 ax.set_xlabel("model updates")
         axes[0, -1].legend(fontsize=7)
-        fig.tight_layout()
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, dpi=110)
-        print(f"wrote {png}")
+        save_figure(fig, png)
 
 
 def _arm_order(arm: str) -> int:
@@ -260,10 +264,7 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
         for ax in axes:
             ax.set_xlabel("policy steps")
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, dpi=110)
-        print(f"\nwrote {png}")
+        save_figure(fig, png)
 
 
 def comparisons(arms: list[str], reference: str | None) -> list[tuple[str, str]]:
@@ -393,10 +394,7 @@ def aggregates(folders: list[Path], reference: str | None = None, profile_png: P
             ax.set_ylabel("fraction of runs with score > tau")
             ax.set_ylim(-0.02, 1.02)
         axes[0, 0].legend(fontsize=7)
-        fig.tight_layout()
-        profile_png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(profile_png, dpi=110)
-        print(f"\nwrote {profile_png}")
+        save_figure(fig, profile_png)
     return out
 
 
@@ -447,10 +445,7 @@ def milestones(folder: Path, at: list[int], png: Path | None) -> None:
                 ax.set_title(f"{folder.name}: {title}" if key == "normalized_score" else title, fontsize=9)
                 ax.set_xlabel("policy steps")
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, dpi=110)
-        print(f"\nwrote {png}")
+        save_figure(fig, png)
 
 
 def penalty_setting(run: str) -> tuple[float, float | None]:

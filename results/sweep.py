@@ -221,11 +221,10 @@ def worktree(repo: Path, commit: str, path: Path) -> Path:
             except RuntimeError:  # made from a clone that is gone (a new checkout): the sweep's own copy, so remake it
                 shutil.rmtree(path)
                 git(repo, "worktree", "prune")
-                git(repo, "worktree", "add", "--force", "--detach", str(path), commit)
+            else:
+                if head != commit:
+                    raise RuntimeError(f"{path} holds commit {head}, not {commit}; delete it and run again")
                 return path
-            if head != commit:
-                raise RuntimeError(f"{path} holds commit {head}, not {commit}; delete it and run again")
-            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         # --force: also where a deleted worktree of this path is still registered in the repository
         git(repo, "worktree", "add", "--force", "--detach", str(path), commit)
