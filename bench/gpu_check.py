@@ -1,12 +1,12 @@
-"""GPU check of adept.py (run by bench/gpu_check.sh): exact resume on the device, and the speed of a step.
+"""GPU check of adept.py (run by bench/gpu_check.sh): the speed of a step, and exact resume on the device.
 
-1. Resume: ADEPT-SAC at the paper's settings for --steps policy steps, twice without a stop (A, B: how close two
+1. Speed: the ADEPT-SAC step and the SAC step at the paper's settings (batch 256, hidden 256, B_m 1024, K 10,
+   H 10, 250 rollouts every 250 steps), eager and with CUDA graphs, train_steps_per_second after warm-up, their
+   ratios, and whether the graphed ADEPT-SAC step takes at most 5 ms.
+2. Resume: ADEPT-SAC at the paper's settings for --steps policy steps, twice without a stop (A, B: how close two
    uninterrupted runs are, since GPU kernels need not be bit-for-bit repeatable), and once stopped halfway and
    resumed with --resume (C). C passes when it is as close to A as B is (within 10x, or both under 1e-6).
    The runs use CUDA graphs (--cudagraphs, on by default on CUDA): a capture must not change a run's state.
-2. Speed: the ADEPT-SAC step and the SAC step at the paper's settings (batch 256, hidden 256, B_m 1024, K 10,
-   H 10, 250 rollouts every 250 steps), eager and with CUDA graphs, train_steps_per_second after warm-up, their
-   ratios, and whether the graphed ADEPT-SAC step takes at most 5 ms.
 
 Writes <out>/gpu_check.json after each part; a part that fails is recorded with its traceback and the next parts
 still run, so that one device run says as much as it can. On a machine without CUDA it runs on the CPU (to test the
@@ -103,7 +103,6 @@ def speed(graphs: bool) -> dict:
     return res
 
 
-part("resume", resume)  # with graphs where CUDA is there (the default)
 part("speed_eager", lambda: speed(False))
 part("speed_graphed", lambda: speed(True))
 e, g = report["speed_eager"], report["speed_graphed"]
@@ -113,4 +112,5 @@ if "error" not in e and "error" not in g:
                        "adept_sac_graphed_at_most_5_ms": g["adept_sac_graphed_ms_per_step"] <= 5.0}
     print(report["speed"], flush=True)
     save()
+part("resume", resume)  # with graphs where CUDA is there (the default)
 sys.exit(0 if all(report[k].get("passed", True) for k in ("resume", "speed_eager", "speed_graphed")) else 1)
