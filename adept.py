@@ -942,6 +942,8 @@ class RunLog:
     def step_ends(self, step: int, losses: dict) -> None:
         self.counts["policy_updates"] += 1
         if step > self.warmup_until:
+            if torch.cuda.is_initialized() and (step % self.log_every == 0 or step == self.total):
+                torch.cuda.synchronize()  # GPU work runs behind the host: count what is still queued
             self.train_seconds += time.perf_counter() - self.t_step
             self.timed_steps += 1
         if self.progress.update(step, losses) and self.writer is not None:
