@@ -276,6 +276,26 @@ def test_report_aggregates_the_tasks_of_a_budget_against_any_reference(tmp_path,
     assert f"| ADEPT-SAC | {', '.join(f'{v:+.1f}' for v in d)} | {d.mean():+.1f} |" in text
 
 
+def test_report_ablation_shows_the_uncertainty_where_runs_measured_it(tmp_path, capsys):
+    folder = tmp_path / "hopper-random"
+    write_run(folder, "adept-sac-lambda0", 0, [1.0, 2.0, 3.0, 4.0])  # N = 1: no u
+    run = folder / "hopper-random-adept-sac-samples5-s0"
+    run.mkdir()
+    with open(run / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["step", "normalized_score", "u_rollout", "truncated_share", "u_error_rank_corr"])
+        w.writeheader()
+        w.writerows({"step": 100 * (i + 1), "normalized_score": 10.0 + i, "u_rollout": u, "truncated_share": 0.1 * i,
+                     "u_error_rank_corr": 0.5} for i, u in enumerate([9.0, 0.02, 0.04, 0.06]))
+    (run / "summary.json").write_text("{}")
+    report.ablation(folder, None, reference="control")
+    text = capsys.readouterr().out
+    assert "| eps_pi | mean u | truncated | Spearman(u, err) |" in text
+    assert "| adept-sac-samples5 | 1 | 400 | 12.0 +- 0.0 |" in text
+    assert "| - | 0.04 | 0.2 | 0.5 |" in text  # the last 3 evaluations: u's first 9.0 left out
+    assert "| - | - | - | - | - | - |" in text  # the control: no model errors, no u
+    assert "| adept-sac-samples5 | +9.0 | +9.0 |" in text  # 12 - 3
+
+
 def write_cell(folder: Path, name: str, ret_error: float, scores: list[float], done: bool = True) -> None:
     """A calibration run of 4 evaluations (of a 400-step budget) whose H-step return error is ret_error after 200."""
     run = folder / name

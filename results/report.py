@@ -9,8 +9,10 @@ study: per target policy and arm, each error averaged over the measurements of t
     then each arm minus the w = 1 control per seed, on the H-step errors under the target policy. The figure has one
     panel per (target, error), one line per arm.
 ablation: per arm, each run scored by the mean of its last 3 evaluations; mean +- std over seeds, a 95% percentile
-    bootstrap interval over seeds (10,000 resamples, fixed seed), the best run; and the paired difference ADEPT -
-    each control, per seed and with its interval (with --reference R: each other arm - R). The figure: learning
+    bootstrap interval over seeds (10,000 resamples, fixed seed), the best run, the model's errors and eps_pi (and
+    the uncertainty u, the truncated share and Spearman(u, error) where runs measured them); and the paired
+    difference ADEPT - each control, per seed and with its interval (with --reference R: each other arm - R). The
+    figure: learning
     curves and the simulator-measured model error (state after H steps) over training, mean and spread over seeds,
     one line per arm. Then, through rliable (Agarwal et al., 2021), the field's aggregates over the runs and tasks
     (folders) of each budget (policy steps): the interquartile mean (IQM) of the scores with its 95% stratified
@@ -186,6 +188,7 @@ def ordered(arms) -> list[str]:
     return [a for a in ABLATION_ARMS if a in arms] + [a for a in arms if a not in ABLATION_ARMS]
 
 
+UNCERTAINTY = {"u_rollout": "mean u", "truncated_share": "truncated", "u_error_rank_corr": "Spearman(u, err)"}
 SHORT_ARMS = {"adept": "adept-{}", "control": "adept-{}-lambda0", "diff": "diff-{}", "alone": "{}"}  # as sweep.py
 
 
@@ -210,10 +213,12 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
     runs = load_runs(folder)
     score = {arm: {s: run_score(rows) for s, rows in seeds.items()} for arm, seeds in runs.items()}
     arms = ordered(runs)
+    # the uncertainty's columns where some run measured it (--uncertainty-samples > 1)
+    extra = [k for k in UNCERTAINTY if any(k in rows[-1] for seeds in runs.values() for rows in seeds.values())]
     print(f"### {folder.name}: score = mean normalized score of each run's last 3 evaluations\n")
     print("| arm | seeds | steps | mean +- std | 95% bootstrap CI | best run | per seed | sim state err (H) "
-          "| sim return err (H) | eps_pi |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| sim return err (H) | eps_pi |" + "".join(f" {UNCERTAINTY[k]} |" for k in extra))
+    print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra))
     for arm in arms:
         s = np.array(list(score[arm].values()))
         lo, hi = bootstrap_ci(s)
@@ -224,7 +229,8 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
         steps = int(next(iter(runs[arm].values()))[-1]["step"])
         print(f"| {ABLATION_ARMS.get(arm, arm)} | {len(s)} | {steps} | {s.mean():.1f} +- {s.std():.1f} | "
               f"[{lo:.1f}, {hi:.1f}] | {s.max():.1f} | {', '.join(f'{x:.1f}' for x in s)} | "
-              f"{err('sim_state_error_h')} | {err('sim_return_error_h')} | {err('eps_pi')} |")
+              f"{err('sim_state_error_h')} | {err('sim_return_error_h')} | {err('eps_pi')} |"
+              + "".join(f" {err(k)} |" for k in extra))
     try:
         pairs = comparisons(arms, reference)
     except SystemExit as e:  # not in this folder
