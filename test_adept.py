@@ -53,6 +53,11 @@ def tiny(tmp_path, **kw) -> Args:
     return Args(**{**base, **kw})
 
 
+def load(path) -> dict:
+    """A checkpoint or cache file, its tensors on the CPU where the tests make theirs (the runs may be on CUDA)."""
+    return torch.load(path, weights_only=False, map_location="cpu")
+
+
 def run_cli(*argv, **env):
     return subprocess.run([sys.executable, "adept.py", *argv], cwd=HERE, capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=300)
@@ -302,7 +307,7 @@ def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, ag
     assert summary["machine"]["torch"] == torch.__version__ and summary["machine"]["threads"] == 1
     assert summary["normalized_score"] == pytest.approx(
         100 * (summary["return"] + 20.272305) / (3234.3 + 20.272305))
-    ck = torch.load(run / "checkpoint.pt", weights_only=False, map_location="cpu")
+    ck = load(run / "checkpoint.pt")
     assert ck["step"] == 40
     for part in ("actor", "q") if agent != "bc" else ("actor",):  # training moved every layer's weights
         before, after = dict(_tensors(initial[part])), dict(_tensors(ck["agent"][part]))
@@ -333,8 +338,8 @@ def test_resume_continues_exactly(tmp_path, data, capsys):
     assert "[world model]" not in out and "[behavior policy" not in out and "saved" not in out, out
     assert not (tmp_path / "b/world_models").exists() and resumed["counts"]["world_model_pretrain_steps"] == 50
     assert resumed["extended_from"] == [40] and "extended_from" not in straight
-    ck_a = torch.load(tmp_path / "a/hopper-random-adept-sac-s0/checkpoint.pt", weights_only=False, map_location="cpu")
-    ck_b = torch.load(tmp_path / "b/hopper-random-adept-sac-s0/checkpoint.pt", weights_only=False, map_location="cpu")
+    ck_a = load(tmp_path / "a/hopper-random-adept-sac-s0/checkpoint.pt")
+    ck_b = load(tmp_path / "b/hopper-random-adept-sac-s0/checkpoint.pt")
     for part in ("agent", "wm", "wm_opt"):  # every weight and optimizer moment
         a, b = dict(_tensors(ck_a[part])), dict(_tensors(ck_b[part]))
         assert a.keys() == b.keys() and len(a) > 0
@@ -350,7 +355,7 @@ def test_checkpoint_size_follows_the_rows_it_holds(tmp_path, data):
     for cap in (1000, 200_000):  # 200k rows of hopper's 27 floats are 21.6 MB
         adept.main(tiny(tmp_path / str(cap), model_buffer_size=cap))
         ck = tmp_path / str(cap) / "hopper-random-adept-sac-s0/checkpoint.pt"
-        assert torch.load(ck, weights_only=False, map_location="cpu")["D_hat"]["s"].shape[0] < 1000
+        assert load(ck)["D_hat"]["s"].shape[0] < 1000
         sizes[cap] = ck.stat().st_size
     assert sizes[200_000] < 1.05 * sizes[1000], sizes
 
@@ -359,7 +364,7 @@ def test_wall_time_continues_across_a_resume(tmp_path, data):
     """A resumed run's wall time starts from the checkpoint's, not from 0: here the checkpoint says 1000 s."""
     adept.main(tiny(tmp_path, total_steps=40, world_model=False))
     path = tmp_path / "hopper-random-sac-s0/checkpoint.pt"
-    ck = torch.load(path, weights_only=False, map_location="cpu")
+    ck = load(path)
     assert 0 < ck["wall_seconds"] < 1000
     ck["wall_seconds"] = 1000.0
     torch.save(ck, path)
@@ -643,18 +648,20 @@ def test_several_samples_without_penalty_make_the_same_run_and_measure_u(tmp_pat
     one = adept.main(tiny(tmp_path))
     five = adept.main(tiny(tmp_path, uncertainty_samples=5))
     assert five["uncertainty_samples"] == 5 and five["uncertainty_penalty"] == 0
-    cks = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=False, map_location="cpu")
+    cks = [load(tmp_path / name / "checkpoint.pt")
            for name in ("hopper-random-adept-sac-s0", "hopper-random-adept-sac-samples5-s0")]
-    # Exactly the same run on the CPU. On CUDA the denoiser's matrix products over 5x the rows may take other
-    # kernels (other summation orders), so the runs agree to rounding at first and then drift apart.
-    for part in ("agent", "wm", "D_hat") if not CUDA else ():
-        a, b = dict(_tensors(cks[0][part])), dict(_tensors(cks[1][part]))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     rows = [list(csv.DictReader(open(tmp_path / name / "metrics.csv")))
             for name in ("hopper-random-adept-sac-s0", "hopper-random-adept-sac-samples5-s0")]
-    for r1, r5 in zip(*rows):  # every diagnostic the same when u is measured
-        for k in adept.DIAGNOSTICS + ("return", "normalized_score") if not CUDA else ():
-            assert r1[k] == r5[k], k
+    # Exactly the same run on the CPU. On CUDA the denoiser's matrix products over 5x the rows may take other
+    # kernels (other summation orders), so the runs agree to rounding at first and then drift apart.
+    if not CUDA:
+        for part in ("agent", "wm", "D_hat"):
+            a, b = dict(_tensors(cks[0][part])), dict(_tensors(cks[1][part]))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+        for r1, r5 in zip(*rows):  # every diagnostic the same when u is measured
+            for k in adept.DIAGNOSTICS + ("return", "normalized_score"):
+                assert r1[k] == r5[k], k
+    for r1, r5 in zip(*rows):
         assert float(r5["u_rollout"]) > 0 and float(r5["u_sim"]) > 0 and float(r5["truncated_share"]) == 0
         assert -1 <= float(r5["u_error_rank_corr"]) <= 1 and -1 <= float(r5["u_mean_error_rank_corr"]) <= 1
         assert "u_rollout" not in r1
@@ -695,9 +702,9 @@ def test_adept_closed_loop_runs_every_phase(tmp_path, data, agent):
         assert math.isfinite(s[key]) and s[key] >= 0, key
     assert 0 <= s["eps_pi"] <= 1
     run = tmp_path / f"hopper-random-adept-{agent}-s0"
-    ck = torch.load(run / "checkpoint.pt", weights_only=False, map_location="cpu")
+    ck = load(run / "checkpoint.pt")
     assert ck["D_hat"]["size"] == c["model_transitions"]
-    pre = torch.load(next((tmp_path / "world_models").glob("*.pt")), weights_only=False, map_location="cpu")["wm"]
+    pre = load(next((tmp_path / "world_models").glob("*.pt")))["wm"]
     assert not torch.equal(ck["wm"]["noise_net.0.weight"], pre["noise_net.0.weight"])  # IWU moved the model
     torch.manual_seed(0)  # the policy main() started from: the policy updates moved every layer
     initial = adept.AGENTS[agent](11, 3, tiny(tmp_path, agent=agent), torch.device("cpu")).actor.state_dict()
@@ -710,8 +717,8 @@ def test_no_importance_sampling_reuses_the_cached_model_and_never_adapts_it(tmp_
     c = s["counts"]
     assert s["mode"] == "diff" and c["world_model_pretrain_steps"] == 0 and c["iwu_updates"] == 0  # cache hit
     assert c["rollouts"] > 0 and math.isfinite(s["sim_state_error"])
-    ck = torch.load(tmp_path / "hopper-random-diff-sac-s0/checkpoint.pt", weights_only=False, map_location="cpu")
-    pre = torch.load(next((tmp_path / "world_models").glob("*.pt")), weights_only=False, map_location="cpu")["wm"]
+    ck = load(tmp_path / "hopper-random-diff-sac-s0/checkpoint.pt")
+    pre = load(next((tmp_path / "world_models").glob("*.pt")))["wm"]
     assert all(torch.equal(ck["wm"][k], pre[k]) for k in pre)
 
 
@@ -721,8 +728,7 @@ def test_a_corrupt_world_model_cache_is_retrained(tmp_path, data):
     cache.write_bytes(b"cut short")
     s = adept.main(tiny(tmp_path, total_steps=20, importance_sampling=False))
     assert s["counts"]["world_model_pretrain_steps"] == 50
-    cached = torch.load(cache, weights_only=False, map_location="cpu")
-    assert cached["settings"]["world_model_steps"] == 50  # rewritten whole
+    assert load(cache)["settings"]["world_model_steps"] == 50  # rewritten whole
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -902,7 +908,7 @@ def test_a_number_in_agent_state_survives_a_checkpoint(tmp_path):
         a.log_alpha.fill_(0.5)
     torch.save(a.state_dict(), tmp_path / "agent.pt")
     b = CountingSAC(4, 2, Args(hidden=16), torch.device("cpu"))
-    b.load_state_dict(torch.load(tmp_path / "agent.pt", weights_only=False, map_location="cpu"))
+    b.load_state_dict(load(tmp_path / "agent.pt"))
     assert b.updates == 7 and b.log_alpha.item() == 0.5
     assert all(torch.equal(x, y) for x, y in zip(a.actor.parameters(), b.actor.parameters()))
 
@@ -945,7 +951,7 @@ def test_a_cached_world_model_that_does_not_fit_is_retrained_as_on_a_miss(tmp_pa
     clean = adept.main(tiny(tmp_path / "clean", total_steps=20))
     adept.main(tiny(tmp_path, total_steps=20))
     cache = next((tmp_path / "world_models").glob("*.pt"))
-    ck = torch.load(cache, weights_only=False, map_location="cpu")
+    ck = load(cache)
     ck["wm"]["noise_net.0.weight"] = torch.zeros(3, 3)  # a file of other code, with other shapes, under this key
     torch.save(ck, cache)
     capsys.readouterr()
@@ -1041,7 +1047,7 @@ def test_arms_of_a_seed_are_paired(tmp_path, data):
     cks = {}
     for name, kw in arms.items():
         adept.main(tiny(tmp_path, total_steps=10, eval_every=10, rollout_every=10, run_name=name, **kw))
-        cks[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False, map_location="cpu")
+        cks[name] = load(tmp_path / name / "checkpoint.pt")
     for name in ("control", "diff"):
         for part in ("agent", "D_hat"):
             a, b = dict(_tensors(cks["adept"][part])), dict(_tensors(cks[name][part]))
@@ -1057,9 +1063,9 @@ def test_resampling_iwu_lr_and_run_names(tmp_path, data):
     assert s["counts"]["iwu_updates"] == 20 and s["is_resample_pool"] == 256 and s["iwu_lr"] == 1e-5
     assert 0 < s["is_ess"] <= 1
     run = tmp_path / "hopper-random-adept-sac-iwulr1e-05-pool256-s0"
-    ck = torch.load(run / "checkpoint.pt", weights_only=False, map_location="cpu")
+    ck = load(run / "checkpoint.pt")
     assert ck["wm_opt"]["param_groups"][0]["lr"] == 1e-5
-    pre = torch.load(next((tmp_path / "world_models").glob("*.pt")), weights_only=False, map_location="cpu")["wm"]
+    pre = load(next((tmp_path / "world_models").glob("*.pt")))["wm"]
     assert not torch.equal(ck["wm"]["noise_net.0.weight"], pre["noise_net.0.weight"])  # the resampled IWU moved it
     names = {adept.run_name(Args(**kw)) for kw in ({}, {"is_exponent": 0.0}, {"behavior_density": "uniform"},
                                                    {"importance_sampling": False}, {"world_model": False})}
@@ -1211,8 +1217,7 @@ def test_medium_replay_holds_the_learners_transitions_and_medium_comes_from_its_
     assert np.abs(replay["a"][50:]).max() < 1 and replay["a"].shape == (100, 3)
 
     medium, _ = adept.load_transitions(Args(dataset="medium", dataset_size=300, **MEDIUM))
-    policy_file = torch.load(tmp_path / "adept/hopper/medium-policy-return-1000000-eval100.pt", weights_only=False,
-                             map_location="cpu")
+    policy_file = load(tmp_path / "adept/hopper/medium-policy-return-1000000-eval100.pt")
     actor = adept.TanhGaussianActor(11, 3, policy_file["hidden"])
     actor.load_state_dict(policy_file["actor"])
     with adept.own_stream(adept.DATA_SEED, "medium data hopper", torch.device("cpu")):
@@ -1239,12 +1244,12 @@ def test_medium_learner_resumes_after_a_kill_and_stops_at_its_cap(tmp_path, monk
         time.sleep(0.1)
     p.kill()
     p.wait()
-    first = torch.load(checkpoint, weights_only=False, map_location="cpu")
+    first = load(checkpoint)
     assert first["step"] >= 100
     with pytest.raises(adept.UserError, match="did not reach the return 1000000 within --online-steps-cap"):
         adept.load_transitions(Args(dataset="medium-replay", **dict(never, online_steps_cap=first["step"] + 100)))
     assert f"resumed from {checkpoint} at step {first['step']}" in capsys.readouterr().out
-    later = torch.load(checkpoint, weights_only=False, map_location="cpu")
+    later = load(checkpoint)
     assert later["step"] == first["step"] + 100
     n = first["step"]
     for k in ("s", "a", "r", "s_next", "terminal"):  # the transitions before the kill are kept as they were

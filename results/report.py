@@ -12,15 +12,14 @@ ablation: per arm, each run scored by the mean of its last 3 evaluations; mean +
     bootstrap interval over seeds (10,000 resamples, fixed seed), the best run, the model's errors and eps_pi (and
     the uncertainty u, the truncated share and Spearman(u, error) where runs measured them); and the paired
     difference ADEPT - each control, per seed and with its interval (with --reference R: each other arm - R). The
-    figure: learning
-    curves and the simulator-measured model error (state after H steps) over training, mean and spread over seeds,
-    one line per arm. Then, through rliable (Agarwal et al., 2021), the field's aggregates over the runs and tasks
-    (folders) of each budget (policy steps): the interquartile mean (IQM) of the scores with its 95% stratified
-    bootstrap interval (runs resampled within each task; --reps resamples, 10,000), the probability of improvement
-    P(X > Y) of ADEPT over each other arm (with --reference R: of each other arm over R; ties count half; 2,000
-    resamples, as in rliable's examples), and with --profile-png the performance profiles (the fraction of runs
-    scoring above each threshold, with 95% bands). The paired per-seed differences stay the first statistic: with 3
-    seeds an interval is little more than their range, and the IQM of 3 runs is their mean.
+    figure: learning curves and the simulator-measured model error (state after H steps) over training, mean and
+    spread over seeds, one line per arm. Then, through rliable (Agarwal et al., 2021), the field's aggregates over
+    the runs and tasks (folders) of each budget (policy steps): the interquartile mean (IQM) of the scores with its
+    95% stratified bootstrap interval (runs resampled within each task; --reps resamples, 10,000), the probability
+    of improvement P(X > Y) of ADEPT over each other arm (with --reference R: of each other arm over R; ties count
+    half; 2,000 resamples, as in rliable's examples), and with --profile-png the performance profiles (the fraction
+    of runs scoring above each threshold, with 95% bands). The paired per-seed differences stay the first statistic:
+    with 3 seeds an interval is little more than their range, and the IQM of 3 runs is their mean.
 
     python results/report.py ablation results/ablation/hopper-random results/ablation/halfcheetah-random \
         --reference control --profile-png profiles.png
