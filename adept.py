@@ -140,7 +140,8 @@ class Args:
     """learning rate of the importance-sampled update; None: --lr"""
     is_resample_pool: int = 0
     """0: off. N > 0: each IWU draws N dataset transitions, weighs them, and draws its B_m transitions from them
-    with replacement, in proportion to the (self-normalized, untruncated) weights; the loss weighs them equally"""
+    with replacement, in proportion to the (self-normalized, untruncated) weights; the loss weighs them equally
+    (--is-max-weight does not apply, and is_ess is then the ESS of the pool's weights)"""
     uncertainty_samples: int = 1
     """N, next states the model draws for each (s, a) of a PE rollout, with independent sampler noises; N > 1
     measures the model's uncertainty u(s, a) from their spread (README, detail 14). The rollout continues from the
@@ -184,11 +185,14 @@ class Args:
     """also write the metrics, diagnostics and losses as TensorBoard event files in the run folder (where the
     tensorboard package is installed; metrics.csv is the record either way)"""
     output_dir: str = "runs"
-    """runs go to <output-dir>/<run-name>/, pretrained world models to <output-dir>/world_models/"""
+    """runs go to <output-dir>/<run-name>/, pretrained world models to <output-dir>/world_models/ and fitted behavior
+    policies to <output-dir>/behavior_policies/"""
     run_name: str = ""
     """run folder name; empty: <env>-<dataset>-[adept-|diff-]<agent>[-<settings>]-s<seed>, the middle part left out
     under --no-world-model, and <settings> the flags that differ from the paper's: -noclip, -uniform or -gaussian
-    (--behavior-density), -lambda<x> (--is-exponent), -iwulr<x> (--iwu-lr), -pool<n> (--is-resample-pool)"""
+    (--behavior-density), -lambda<x> (--is-exponent), -iwulr<x> (--iwu-lr), -pool<n> (--is-resample-pool),
+    -samples<n> (--uncertainty-samples), -upenalty<x> (--uncertainty-penalty), -uthreshold<x>
+    (--uncertainty-threshold)"""
     resume: bool = False
     """continue the run in the run folder from its checkpoint"""
     threads: int = 1
@@ -235,6 +239,12 @@ def check_args(args: Args) -> None:
     for name in ("threads", "is_resample_pool", "is_exponent", "uncertainty_penalty"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.is_resample_pool and not args.is_self_normalize:
+        raise UserError("--is-resample-pool draws in proportion to the self-normalized weights: drop "
+                        "--no-is-self-normalize")
+    if args.world_model and args.model_buffer_size < args.rollout_batch_size * args.horizon:
+        raise UserError(f"--model-buffer-size {args.model_buffer_size} is smaller than one PE's transitions "
+                        f"(--rollout-batch-size x --horizon = {args.rollout_batch_size * args.horizon})")
     if args.iwu_lr is not None and not args.iwu_lr > 0:
         raise UserError(f"--iwu-lr must be positive, got {args.iwu_lr}")
     if args.dataset not in LOCAL_DATASETS + OFFICIAL_DATASETS and "/" not in args.dataset:
@@ -613,7 +623,7 @@ class BC(Agent):
     state = ("actor", "actor_opt")
 
     def __init__(self, s_dim, a_dim, args: Args, device, policy: nn.Module | None = None):
-        self.actor = (policy or GaussianActor(s_dim, a_dim, args.hidden)).to(device)
+        self.actor = (policy if policy is not None else GaussianActor(s_dim, a_dim, args.hidden)).to(device)
         self.actor_opt = adam(self.actor.parameters(), args.lr)
 
     def update(self, b):
@@ -719,8 +729,8 @@ class WorldModel(nn.Module):
         omega = 1.0 + self.guidance_weight                                 # guidance weight of Eq. 2
         x = noise()                                                        # x_K ~ N(0, I), (B, S)
         for k in range(self.K, 0, -1):
-            kk = torch.full((2 * B,), k, device=s.device, dtype=torch.long)
-            e_cond, e_null = self.eps_theta(x.repeat(2, 1), kk, cond, has_cond).chunk(2)  # (2B, S) -> 2 x (B, S)
+            k_batch = torch.full((2 * B,), k, device=s.device, dtype=torch.long)
+            e_cond, e_null = self.eps_theta(x.repeat(2, 1), k_batch, cond, has_cond).chunk(2)  # (2B, S) -> 2 x (B, S)
             e = e_null + omega * (e_cond - e_null)                         # Eq. 2
             ab = self.alpha_bar[k - 1]
             # mu_theta of Eq. 1, written through the predicted x_0. Clipping x_0 to the data's range keeps the first
@@ -870,7 +880,7 @@ def importance_sampled_update(wm: WorldModel, opt, pi: Policy, D: Buffer, args: 
     with torch.no_grad():  # the weights carry no gradient
         log_pi = pi.log_prob(b["s"], b["a"])
     if args.is_resample_pool:
-        w = importance_weights(log_pi, b["log_pi_D"], math.inf, True, args.is_exponent)
+        w = importance_weights(log_pi, b["log_pi_D"], max_weight=math.inf, exponent=args.is_exponent)
         idx = torch.multinomial(w, args.is_batch_size, replacement=True, generator=generator)  # (B_m,) ~ w
         return world_model_update(wm, opt, {k: v[idx] for k, v in b.items()}, None, generator), \
             effective_sample_size(w)
@@ -1014,6 +1024,11 @@ class Run:
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
+        saved = sd["normalizer"]  # D is normalized with statistics recomputed from the dataset: they must match
+        if not all(torch.allclose(saved[k].cpu(), v.cpu(), rtol=1e-5, atol=1e-6)
+                   for k, v in self.normalizer.state_dict().items()):
+            raise UserError(f"--resume: the dataset's state statistics differ from those the run in {self.dir} "
+                            "started with: the dataset has changed; start a new run (--run-name)")
         self.agent.load_state_dict(sd["agent"])
         self.log.load_state_dict(sd)
         if self.wm is not None:
@@ -1109,11 +1124,11 @@ def setup_torch(args: Args) -> torch.device:
 
 
 def run_name(args: Args) -> str:
-    """<env>-<dataset>-[adept-|diff-]<agent>[-<IWU settings that differ from the defaults>]-s<seed>"""
+    """<env>-<dataset>-[adept-|diff-]<agent>[-<model settings that differ from the defaults>]-s<seed>"""
     if args.run_name:
         return args.run_name
-    mode, suffix = "" if not args.world_model else ("adept-" if args.importance_sampling else "diff-"), ""
-    suffix += "-noclip" if args.world_model and not args.clip else ""
+    mode = "" if not args.world_model else ("adept-" if args.importance_sampling else "diff-")
+    suffix = "-noclip" if args.world_model and not args.clip else ""
     if args.world_model and args.importance_sampling:
         suffix += f"-{args.behavior_density}" if args.behavior_density != "fitted" else ""
         suffix += f"-lambda{args.is_exponent:g}" if args.is_exponent != 1 else ""
@@ -1154,9 +1169,10 @@ def evaluate(policy: Policy, normalizer: Normalizer, envs: list, seed: int) -> n
 @torch.no_grad()
 def policy_shift(pi: Policy, pi_D: Policy, s: torch.Tensor) -> torch.Tensor:
     """eps_pi = TV(pi, pi_D) = E_{a ~ pi}[max(0, 1 - pi_D(a|s)/pi(a|s))], one action drawn per state, averaged over
-    the states s (B, S)."""
+    the states s (B, S). pi_D's density is 0 off the action box, where IQL's and BC's Gaussian samples can fall."""
     a_pi, logp = pi.sample(s)
-    return (1 - torch.exp((pi_D.log_prob(s, a_pi) - logp).clamp(max=0))).mean()
+    ratio = torch.exp((pi_D.log_prob(s, a_pi) - logp).clamp(max=0))
+    return (1 - torch.where((a_pi.abs() <= 1).all(-1), ratio, 0.0)).mean()
 
 
 @torch.no_grad()
@@ -1167,7 +1183,8 @@ def return_gap_diagnostics(wm: WorldModel, pi: Policy, pi_D: Policy, b: dict, ga
     model's reward and of its sampled next state (normalized units), the paper's practical proxy for the TV terms.
     eps_pi: TV(pi_phi, pi_D) = E_{a ~ pi_phi}[max(0, 1 - pi_D(a|s)/pi_phi(a|s))], averaged over dataset states (the
     policy shift the proof's first and third terms bound; the max over states of Definition 4.3 is too noisy).
-    The weights are Eq. 3's (lambda = 1) whatever --is-exponent is, so that the arms stay comparable."""
+    The weights are Eq. 3's at lambda = 1 whatever --is-exponent is, self-normalized and truncated as the IWU's
+    (--is-max-weight, --no-is-self-normalize), so that arms differing only in lambda see the same weights."""
     w = importance_weights(pi.log_prob(b["s"], b["a"]), b["log_pi_D"], max_weight, self_normalize)
     s_next_hat = wm.sample(b["s"], b["a"])
     r_hat, _ = wm.reward_terminal(b["s"], b["a"], s_next_hat)
@@ -1184,7 +1201,8 @@ def settable_states(obs: np.ndarray, env, clips_velocity: bool) -> np.ndarray:
     if not clips_velocity:
         return obs
     nq = env.unwrapped.model.nq
-    return obs[np.abs(obs[:, nq - 1:]).max(1) < 10.0 - 1e-6]
+    # The tolerance covers a float32 round trip through the normalizer (up to ~3e-6 at 10).
+    return obs[np.abs(obs[:, nq - 1:]).max(1) < 10.0 - 1e-4]
 
 
 @torch.no_grad()
@@ -1218,7 +1236,8 @@ def simulator_errors(wm: WorldModel, pi: Policy, normalizer: Normalizer, env, ob
             if terminated:
                 break
     model = rollout(wm, pi, normalizer(torch.as_tensor(obs, dtype=torch.float32, device=device)), horizon, True)
-    model_s, model_r = model["s_next"], model["r"]  # (n, H, S), (n, H): model terminals ignored, as the simulator's
+    model_s, model_r = model["s_next"], model["r"]  # (n, H, S), (n, H); the model's terminals are not used: the
+    # H-step errors count only the start states whose simulated episode lasts H steps (`full`)
     state_err = ((model_s - normalizer(torch.as_tensor(sim_s, device=device))) ** 2).mean(-1)  # (n, H)
     full = torch.as_tensor(sim_alive[:, -1], device=device)
     sim_r = torch.as_tensor(sim_r, device=device)

@@ -109,7 +109,7 @@ def test_help_has_one_default_per_option_and_names_the_run_name_suffixes():
     assert len(blocks) > 50 and all(b.count("(default") <= 1 for b in blocks), \
         [b.split()[0] for b in blocks if b.count("(default") > 1]
     run_name = next(b for b in blocks if b.startswith("run-name"))
-    for suffix in ("-noclip", "-lambda", "-iwulr", "-pool"):
+    for suffix in ("-noclip", "-lambda", "-iwulr", "-pool", "-samples", "-upenalty", "-uthreshold"):
         assert suffix in run_name, suffix
 
 
@@ -131,6 +131,14 @@ def test_bad_input_is_a_short_error_with_exit_code_2(argv, expect):
 def test_check_args_rejects_bad_budgets(field, value):
     with pytest.raises(adept.UserError, match=field.replace("_", "-")):
         adept.check_args(Args(**{field: value}))
+
+
+def test_check_args_rejects_settings_that_do_not_fit_together():
+    with pytest.raises(adept.UserError, match="--model-buffer-size 100 is smaller than one PE's transitions"):
+        adept.check_args(Args(model_buffer_size=100, rollout_batch_size=250, horizon=10))
+    adept.check_args(Args(model_buffer_size=100, rollout_batch_size=250, horizon=10, world_model=False))
+    with pytest.raises(adept.UserError, match="--no-is-self-normalize"):
+        adept.check_args(Args(is_resample_pool=256, is_self_normalize=False))
 
 
 def test_resume_without_checkpoint_is_a_user_error(tmp_path, data):
@@ -371,6 +379,18 @@ def test_wall_time_continues_across_a_resume(tmp_path, data):
     s = adept.main(tiny(tmp_path, total_steps=60, world_model=False, resume=True))
     walls = [float(r["wall_seconds"]) for r in csv.DictReader(open(tmp_path / "hopper-random-sac-s0/metrics.csv"))]
     assert walls[1] < 1000 < walls[2] <= s["wall_seconds"] < 1000 + 300
+
+
+def test_resume_refuses_a_changed_dataset(tmp_path, data):
+    """D is normalized with statistics recomputed at the resume: a checkpoint made on other data is refused."""
+    adept.main(tiny(tmp_path, total_steps=20, world_model=False))
+    path = tmp_path / "hopper-random-sac-s0/checkpoint.pt"
+    adept.main(tiny(tmp_path, total_steps=30, world_model=False, resume=True))  # the same data: resumes
+    ck = load(path)
+    ck["normalizer"]["mean"][0] += 0.01
+    torch.save(ck, path)
+    with pytest.raises(adept.UserError, match="the dataset has changed"):
+        adept.main(tiny(tmp_path, total_steps=40, world_model=False, resume=True))
 
 
 def test_resume_refuses_other_settings(tmp_path, data):
@@ -1023,6 +1043,23 @@ def test_behavior_densities_are_finite_on_the_closed_action_box():
     beta = adept.BetaActor(4, 3, 16)
     a, logp = beta.sample(s)
     assert a.abs().max() <= 1 and torch.allclose(logp, beta.log_prob(s, a))
+
+
+def test_policy_shift_counts_actions_off_the_box_as_outside_pi_D():
+    """A Gaussian policy (IQL's, BC's) centred at the bound with std 1 puts 52% of its samples off the box, where
+    pi_D has no mass: eps_pi is then at least that (pi_D's density taken at the bound would make it 0 here, since
+    the uniform 1/2 exceeds the Gaussian's density everywhere)."""
+    torch.manual_seed(0)
+    pi = adept.GaussianActor(4, 1, 16)
+    with torch.no_grad():
+        pi.net[-1].weight.zero_()
+        pi.net[-1].bias.copy_(torch.tensor([20.0, 0.0]))  # tanh(mu) = 1, std 1
+    s = torch.randn(4096, 4)
+    outside = (pi.sample(s)[0].abs() > 1).float().mean().item()
+    assert 0.49 < outside < 0.56  # P(z > 0) + P(z < -2) = 0.523
+    assert adept.policy_shift(pi, adept.UniformPolicy(1), s).item() > 0.49  # its own draws: the same 52%
+    sac = adept.TanhGaussianActor(4, 1, 16)  # squashed: always on the box, the estimate unchanged
+    assert 0 <= adept.policy_shift(sac, adept.UniformPolicy(1), s).item() < 0.45
 
 
 def test_uniform_density_only_for_the_locally_built_random_data():
