@@ -679,8 +679,10 @@ class WorldModel(nn.Module):
         self.register_buffer("r_hi", torch.tensor(torch.inf))
 
     def set_ranges(self, s_next: torch.Tensor, r: torch.Tensor) -> None:
-        self.s_lo.copy_(s_next.min(0).values), self.s_hi.copy_(s_next.max(0).values)
-        self.r_lo.copy_(r.min()), self.r_hi.copy_(r.max())
+        self.s_lo.copy_(s_next.min(0).values)
+        self.s_hi.copy_(s_next.max(0).values)
+        self.r_lo.copy_(r.min())
+        self.r_hi.copy_(r.max())
 
     def eps_theta(self, x_k, k, cond, has_cond):
         """eps_theta(x_k, k | cond): x_k (B, S), k (B,) in 1..K, cond (B, S + A), has_cond (B, 1) is 0 where the
@@ -1032,8 +1034,10 @@ class Run:
         self.agent.load_state_dict(sd["agent"])
         self.log.load_state_dict(sd)
         if self.wm is not None:
-            self.wm.load_state_dict(sd["wm"]), self.wm_opt.load_state_dict(sd["wm_opt"])
-            self.pi_D.load_state_dict(sd["pi_D"]), self.D_hat.load_state_dict(sd["D_hat"])
+            self.wm.load_state_dict(sd["wm"])
+            self.wm_opt.load_state_dict(sd["wm_opt"])
+            self.pi_D.load_state_dict(sd["pi_D"])
+            self.D_hat.load_state_dict(sd["D_hat"])
             self.iwu_generator.set_state(sd["iwu_rng"])
             if "uncertainty_rng" in sd:  # checkpoints of earlier versions drew no extra samples
                 self.uncertainty_generator.set_state(sd["uncertainty_rng"])
@@ -1517,8 +1521,8 @@ def medium_learner(args: Args) -> tuple[nn.Module, dict[str, np.ndarray], dict]:
     target = args.medium_return if args.medium_return is not None else \
         info.ref_random + (info.ref_expert - info.ref_random) / 3
     store = minari.storage.get_dataset_path()
-    work, policy_path = store / "adept" / args.env / f".medium-learner{tag}", \
-        store / "adept" / args.env / f"medium-policy{tag}.pt"
+    work = store / "adept" / args.env / f".medium-learner{tag}"
+    policy_path = store / "adept" / args.env / f"medium-policy{tag}.pt"
     sim = gym.make(info.gym_id)
     s_dim, a_dim = sim.observation_space.shape[0], sim.action_space.shape[0]
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
@@ -1538,7 +1542,8 @@ def medium_learner(args: Args) -> tuple[nn.Module, dict[str, np.ndarray], dict]:
         if (work / "checkpoint.pt").exists():
             ck = torch.load(work / "checkpoint.pt", map_location="cpu", weights_only=False)
             t, history = ck["step"], ck["history"]
-            agent.load_state_dict(ck["agent"]), set_rng_state(ck["rng"])
+            agent.load_state_dict(ck["agent"])
+            set_rng_state(ck["rng"])
             for k in tr:
                 tr[k][:t] = ck["transitions"][k]
             tr["timeout"][t - 1] = max(tr["timeout"][t - 1], 1 - tr["terminal"][t - 1])  # cut the open episode
