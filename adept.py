@@ -857,6 +857,7 @@ def importance_weights(log_pi: torch.Tensor, log_pi_D: torch.Tensor, max_weight:
     (B,), (B,) -> (B,). lambda = 0 gives w = 1 (the control). The raw ratio of two densities over a 3-6 dimensional
     action space spans many orders of magnitude, so by default it is self-normalized (w / mean w, as a softmax of
     the log ratios, which also cancels any constant offset) and truncated at max_weight."""
+    # -inf - -inf (both densities underflow far in the tails) is nan: such a ratio is unknown, and counts as 1.
     log_w = exponent * torch.nan_to_num(log_pi - log_pi_D, nan=0.0, posinf=50.0, neginf=-50.0)
     if self_normalize:
         w = torch.softmax(log_w, 0) * len(log_w)
