@@ -774,13 +774,6 @@ def pretrain_world_model(args: Args, D: Buffer, wm: WorldModel, wm_opt) -> None:
         progress.update(step, {"loss": world_model_update(wm, wm_opt, D.sample(args.world_model_batch_size))})
 
 
-def fit_behavior_policy(args: Args, D: Buffer, bc: BC) -> None:
-    """pi_D estimated from D by behavior cloning (Sec. 4.2). `behavior_policy` (section 10) caches it on disk."""
-    progress = Progress("behavior policy pi_D", args.behavior_steps, args.log_every)
-    for step in range(1, args.behavior_steps + 1):
-        progress.update(step, bc.update(D.sample(args.batch_size)))
-
-
 # ==================================================================================================================
 # 6. Policy evaluation in the model (Algorithm 1, PE): batched rollouts of H steps from random dataset states.
 # ==================================================================================================================
@@ -842,6 +835,13 @@ def policy_batch(D: Buffer, D_hat: Buffer | None, n: int, model_ratio: float) ->
 # ==================================================================================================================
 # 7. Importance-sampled world-model update (Algorithm 1, IWU; Eq. 3)
 # ==================================================================================================================
+def fit_behavior_policy(args: Args, D: Buffer, bc: BC) -> None:
+    """pi_D estimated from D by behavior cloning (Sec. 4.2). `behavior_policy` (section 10) caches it on disk."""
+    progress = Progress("behavior policy pi_D", args.behavior_steps, args.log_every)
+    for step in range(1, args.behavior_steps + 1):
+        progress.update(step, bc.update(D.sample(args.batch_size)))
+
+
 @torch.no_grad()
 def log_density(pi: Policy, D: Buffer, chunk: int = 65536) -> torch.Tensor:
     """log pi(a|s) of every transition of D, (N,), in chunks. For pi_D, which is fixed once fitted, this is computed
