@@ -1201,7 +1201,7 @@ def test_is_study_writes_every_cell_and_skips_written_ones(tmp_path, monkeypatch
     assert set(shares) == {"sac20", "sac40"} and all(0 <= s <= 1 and e >= 0 for s, e in shares.values())
 
 
-def test_ablation_report_pairs_seeds_and_draws_the_curves(tmp_path, data, capsys):
+def test_ablation_report_pairs_seeds_and_draws_the_curves(tmp_path, data, capsys, monkeypatch):
     for seed in (0, 1):
         for kw in ({}, {"is_exponent": 0.0}, {"world_model": False}):
             adept.main(tiny(tmp_path / "hopper-random", seed=seed, total_steps=60, **kw))
@@ -1220,6 +1220,15 @@ def test_ablation_report_pairs_seeds_and_draws_the_curves(tmp_path, data, capsys
     diffs = [scores["adept-sac", s] - scores["sac", s] for s in (0, 1)]
     assert f"| SAC | {diffs[0]:+.1f}, {diffs[1]:+.1f} | {np.mean(diffs):+.1f} |" in text
     assert "| ADEPT-SAC | 2 | 60 |" in text and (tmp_path / "ablation.png").stat().st_size > 10_000
+    # An arm after SAC, which draws no model error: each arm keeps its color in both panels all the same.
+    adept.main(tiny(tmp_path / "hopper-random", total_steps=60, is_exponent=0.5))
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, png: figures.append(fig))
+    report.ablation(tmp_path / "hopper-random", tmp_path / "ablation.png")
+    score_ax, error_ax = figures[0].axes
+    colors = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in (score_ax, error_ax)]
+    assert len(colors[0]) == 4 and len(colors[1]) == 3 and "SAC" not in colors[1]
+    assert all(colors[0][arm] == color for arm, color in colors[1].items()), colors
     assert report.arm_and_seed("hopper-medium-replay", "hopper-medium-replay-adept-sac-s2") == ("adept-sac", 2)
     assert report.arm_and_seed("hopper-random", "hopper-random-adept-sac-lambda0-s1") == ("adept-sac-lambda0", 1)
 

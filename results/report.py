@@ -254,7 +254,7 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
                   f"[{lo:+.1f}, {hi:+.1f}] |")
     if png:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        for arm in arms:
+        for i, arm in enumerate(arms):  # one color per arm in both panels, though SAC has no model error
             for ax, key in zip(axes, ("normalized_score", "sim_state_error_h")):
                 seeds = list(runs[arm].values())
                 n = min(len(rows) for rows in seeds)
@@ -262,8 +262,8 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
                 if np.all(np.isnan(y)):
                     continue
                 x = [r["step"] for r in seeds[0][:n]]
-                ax.plot(x, np.nanmean(y, 0), label=ABLATION_ARMS.get(arm, arm))
-                ax.fill_between(x, np.nanmin(y, 0), np.nanmax(y, 0), alpha=0.15)
+                ax.plot(x, np.nanmean(y, 0), label=ABLATION_ARMS.get(arm, arm), color=f"C{i % 10}")
+                ax.fill_between(x, np.nanmin(y, 0), np.nanmax(y, 0), alpha=0.15, color=f"C{i % 10}")
         axes[0].set_title(f"{folder.name}: normalized score (mean, min-max over seeds)", fontsize=9)
         axes[1].set_title("model state error after H steps, against the simulator", fontsize=9)
         for ax in axes:
@@ -441,12 +441,12 @@ def milestones(folder: Path, at: list[int], png: Path | None) -> None:
         print(f"| {short_name(name)} | {done} | {int(rows[-1]['step'])} | {' | '.join(cells)} |")
     if png:
         fig, axes = plt.subplots(1, len(MILESTONE_KEYS), figsize=(4.2 * len(MILESTONE_KEYS), 3.6))
-        for name, rows in runs.items():
+        for i, (name, rows) in enumerate(runs.items()):  # one color per run in every panel
             x = [r["step"] for r in rows]
             for ax, (key, title, _) in zip(axes, MILESTONE_KEYS):
                 y = [r.get(key, np.nan) for r in rows]
                 if not np.all(np.isnan(y)):
-                    ax.plot(x, y, label=short_name(name))
+                    ax.plot(x, y, label=short_name(name), color=f"C{i % 10}")
                 ax.set_title(f"{folder.name}: {title}" if key == "normalized_score" else title, fontsize=9)
                 ax.set_xlabel("policy steps")
         axes[0].legend(fontsize=7)
