@@ -56,6 +56,12 @@ ERRORS = ("onpolicy_state_error_h", "pe_return_error", "onpolicy_state_error", "
 HEADLINE = ("onpolicy_state_error_h", "pe_return_error")  # the errors PE depends on: under the policy, H steps
 
 
+def steps_axis(ax) -> None:
+    """An x axis of policy steps, its ticks in thousands (300k, not 300000, which run into each other)."""
+    ax.set_xlabel("policy steps")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
+
+
 def save_figure(fig, png: Path) -> None:
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +273,7 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
         axes[0].set_title(f"{folder.name}: normalized score (mean, min-max over seeds)", fontsize=9)
         axes[1].set_title("model state error after H steps, against the simulator", fontsize=9)
         for ax in axes:
-            ax.set_xlabel("policy steps")
+            steps_axis(ax)
         axes[0].legend(fontsize=7)
         save_figure(fig, png)
 
@@ -448,7 +454,7 @@ def milestones(folder: Path, at: list[int], png: Path | None) -> None:
                 if not np.all(np.isnan(y)):
                     ax.plot(x, y, label=short_name(name), color=f"C{i % 10}")
                 ax.set_title(f"{folder.name}: {title}" if key == "normalized_score" else title, fontsize=9)
-                ax.set_xlabel("policy steps")
+                steps_axis(ax)
         axes[0].legend(fontsize=7)
         save_figure(fig, png)
 
