@@ -352,7 +352,8 @@ class Policy(Protocol):
 
     act(s, deterministic=False) -> a (B, A): the action taken in PE and in the simulator (deterministic: the mode).
     sample(s) -> (a (B, A), log pi(a|s) (B,)): a reparameterized draw and its log-density (SAC's losses, eps_pi).
-    log_prob(s, a) -> log pi(a|s) (B,): the density at given actions, finite on the whole box, the bounds included.
+    log_prob(s, a) -> log pi(a|s) (B,): the density at given actions, finite on the whole box, the bounds included
+    (-inf off the box for the densities that have no mass there: a Gaussian actor's samples can fall off it).
 
     Eq. 3's importance weights pi_phi/pi_D need log_prob of both policies: a deterministic actor (TD3, say) has no
     density, so it can serve ADEPT only with one added (a Gaussian around its action, for example)."""
@@ -425,7 +426,8 @@ class BetaActor(nn.Module):
 
     def log_prob(self, s, a):
         x = ((a + 1) / 2).clamp(1e-6, 1 - 1e-6)  # the Beta's log density is -inf or nan exactly at 0 and 1
-        return self.dist(s).log_prob(x).sum(-1) - a.shape[-1] * math.log(2.0)  # dx/da = 1/2 per dimension
+        log_p = self.dist(s).log_prob(x).sum(-1) - a.shape[-1] * math.log(2.0)  # dx/da = 1/2 per dimension
+        return log_p.where((a.abs() <= 1).all(-1), -math.inf)  # no mass off the box
 
     def sample(self, s):
         a = 2 * self.dist(s).rsample() - 1
@@ -443,7 +445,8 @@ class UniformPolicy(nn.Module):
         self.a_dim = a_dim
 
     def log_prob(self, s, a):
-        return torch.full(a.shape[:-1], -self.a_dim * math.log(2.0), device=a.device)
+        on_box = (a.abs() <= 1).all(-1)
+        return torch.where(on_box, -self.a_dim * math.log(2.0), -math.inf).to(a.dtype)
 
     def sample(self, s):
         a = torch.rand(s.shape[0], self.a_dim, device=s.device) * 2 - 1
@@ -1174,10 +1177,9 @@ def evaluate(policy: Policy, normalizer: Normalizer, envs: list, seed: int) -> n
 @torch.no_grad()
 def policy_shift(pi: Policy, pi_D: Policy, s: torch.Tensor) -> torch.Tensor:
     """eps_pi = TV(pi, pi_D) = E_{a ~ pi}[max(0, 1 - pi_D(a|s)/pi(a|s))], one action drawn per state, averaged over
-    the states s (B, S). pi_D's density is 0 off the action box, where IQL's and BC's Gaussian samples can fall."""
+    the states s (B, S)."""
     a_pi, logp = pi.sample(s)
-    ratio = torch.exp((pi_D.log_prob(s, a_pi) - logp).clamp(max=0))
-    return (1 - torch.where((a_pi.abs() <= 1).all(-1), ratio, 0.0)).mean()
+    return (1 - torch.exp((pi_D.log_prob(s, a_pi) - logp).clamp(max=0))).mean()
 
 
 @torch.no_grad()

@@ -268,8 +268,9 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
                 if np.all(np.isnan(y)):
                     continue
                 x = [r["step"] for r in seeds[0][:n]]
-                ax.plot(x, np.nanmean(y, 0), label=ABLATION_ARMS.get(arm, arm), color=f"C{i % 10}")
-                ax.fill_between(x, np.nanmin(y, 0), np.nanmax(y, 0), alpha=0.15, color=f"C{i % 10}")
+                color = f"C{i % 10}"
+                ax.plot(x, np.nanmean(y, 0), label=ABLATION_ARMS.get(arm, arm), color=color)
+                ax.fill_between(x, np.nanmin(y, 0), np.nanmax(y, 0), alpha=0.15, color=color)
         axes[0].set_title(f"{folder.name}: normalized score (mean, min-max over seeds)", fontsize=9)
         axes[1].set_title("model state error after H steps, against the simulator", fontsize=9)
         for ax in axes:
@@ -453,8 +454,9 @@ def milestones(folder: Path, at: list[int], png: Path | None) -> None:
                 y = [r.get(key, np.nan) for r in rows]
                 if not np.all(np.isnan(y)):
                     ax.plot(x, y, label=short_name(name), color=f"C{i % 10}")
-                ax.set_title(f"{folder.name}: {title}" if key == "normalized_score" else title, fontsize=9)
-                steps_axis(ax)
+        for ax, (key, title, _) in zip(axes, MILESTONE_KEYS):
+            ax.set_title(f"{folder.name}: {title}" if key == "normalized_score" else title, fontsize=9)
+            steps_axis(ax)
         axes[0].legend(fontsize=7)
         save_figure(fig, png)
 
