@@ -50,7 +50,8 @@ import tyro
 
 
 # ==================================================================================================================
-# 1. Arguments. Defaults are the paper's: Table 3 (offline RL) and Table 2 (diffusion world model).
+# 1. Arguments. A default whose docstring cites Table 2 (diffusion world model) or Table 3 (offline RL) is the
+#    paper's; the paper gives no value for the others, and README's implementation details say why they are ours.
 # ==================================================================================================================
 @dataclass
 class Args:
@@ -62,7 +63,8 @@ class Args:
     recipes; `simple`, `expert`: Minari's official `mujoco/<env>/<name>-v0`; or any Minari dataset id, such as
     `mujoco/hopper/medium-v0`"""
     agent: Literal["sac", "iql", "bc"] = "sac"
-    """offline RL method that updates the policy pi_phi (Sec. 5: ADEPT wraps SAC or IQL; BC is ablation (3))"""
+    """offline RL method that updates the policy pi_phi (ADEPT wraps SAC or IQL, Sec. 5.1; BC is Sec. 5.2's
+    ablation (3))"""
     seed: int = 0
     """seed of the networks, batches and evaluation episodes (the random dataset has its own fixed seed)"""
 
@@ -85,7 +87,7 @@ class Args:
     model_buffer_size: int = 1_000_000
     """capacity of the model buffer D_hat (Table 3 replay buffer size)"""
     model_ratio: float = 0.5
-    """fraction of each policy batch drawn from D_hat (the rest from D)"""
+    """fraction of each policy batch drawn from D_hat (the rest from D); not in the paper (README, detail 7)"""
 
     # ---- diffusion world model (Table 2) ----
     denoising_steps: int = 10
@@ -99,7 +101,8 @@ class Args:
     guidance_weight: float = 0.1
     """classifier-free guidance w (Table 2); Eq. 2 is used with omega = 1 + w (Ho & Salimans), see README"""
     cond_drop_prob: float = 0.1
-    """probability of dropping the condition (s, a) in training, so that one network also learns eps(x, null)"""
+    """probability of dropping the condition (s, a) in training, so that one network also learns eps(x, null); not
+    in the paper (README, detail 2)"""
     world_model_batch_size: int = 256
     """pretraining batch (Table 2 "train batchsize")"""
     is_batch_size: int = 1024
@@ -114,20 +117,24 @@ class Args:
     """adapt the world model to the policy with the importance-sampled update, Eq. 3 (False: Diff+<agent>,
     a model trained once before policy learning)"""
     rollout_every: int = 250
-    """policy steps between two batched policy evaluations (PE) in the model"""
+    """policy steps between two batched policy evaluations (PE) in the model (README, detail 6)"""
     rollout_batch_size: int = 250
     """rollouts per PE, from random dataset states; with --rollout-every 250 this is Algorithm 1's one rollout
-    per policy step, batched"""
+    per policy step, batched: N_e = 1000 PE rollouts per epoch of 1000 policy steps (Algorithm 1's "evaluation
+    steps per epoch N_e", Table 3: 1000)"""
     iwu_every: int = 1
     """policy steps between two importance-sampled world-model updates (Algorithm 1: after every policy update)"""
     behavior_density: Literal["fitted", "uniform", "gaussian"] = "fitted"
-    """pi_D of Eq. 3: `fitted`, a Beta policy on the action box fitted by behavior cloning (it can represent the
-    uniform actions of random data); `uniform`, the exact density of the random data's generator (locally built
-    random datasets only); `gaussian`, the unbounded Gaussian of `--agent bc` (earlier versions' pi_D), to compare"""
+    """pi_D, the behavior policy that collected D (Eq. 3's denominator): `fitted`, a Beta policy on the action box
+    fitted by behavior cloning (it can represent the uniform actions of random data); `uniform`, the exact density
+    of the random data's generator (locally built random datasets only); `gaussian`, the unbounded Gaussian of
+    `--agent bc` (earlier versions' pi_D), to compare"""
     is_max_weight: float = 10.0
-    """importance weights are truncated at this value (after self-normalization)"""
+    """importance weights are truncated at this value (after self-normalization); not in Eq. 3, which uses the raw
+    ratio (README, detail 8)"""
     is_self_normalize: bool = True
-    """divide the weights by their batch mean (computed as a softmax in log space) before truncation"""
+    """divide the weights by their batch mean (computed as a softmax in log space) before truncation; not in Eq. 3
+    (README, detail 8)"""
     clip: bool = True
     """clip generated states and rewards to the data's range (Sec. 4.1); --no-clip is Appendix C's ablation (the
     clamp of the predicted x_0 at the sampler's earlier steps stays: it is part of its numerics)"""
@@ -145,15 +152,17 @@ class Args:
     uncertainty_samples: int = 1
     """N, next states the model draws for each (s, a) of a PE rollout, with independent sampler noises; N > 1
     measures the model's uncertainty u(s, a) from their spread (README, detail 14). The rollout continues from the
-    first, which is the one N = 1 draws: with no penalty and no threshold, N > 1 makes the run N = 1 makes"""
+    first, which is the one N = 1 draws: with no penalty and no threshold, N > 1 makes the run N = 1 makes (bit for
+    bit on the CPU; on a GPU, to rounding)"""
     uncertainty_penalty: float = 0.0
     """lambda_u: D_hat stores the reward r - lambda_u u(s, a) (0: the paper's ADEPT; needs --uncertainty-samples > 1)"""
     uncertainty_threshold: float | None = None
     """None: off. A transition whose u(s, a) exceeds it is kept (penalized) and ends its rollout there, as a
     truncation (the next state still bootstraps); needs --uncertainty-samples > 1"""
     diag_samples: int = 16384
-    """dataset transitions for the return-gap diagnostics (eps_r, eps_m, eps_pi) at each evaluation: Eq. 3's weights
-    concentrate on a few percent of them once the policy has moved, so they must be many"""
+    """dataset transitions for the return-gap diagnostics (eps_r, eps_m, eps_pi of Definitions 4.1-4.3; section 9)
+    at each evaluation: Eq. 3's weights concentrate on a few percent of them once the policy has moved, so they must
+    be many"""
     sim_check_states: int = 1024
     """dataset states (the first of those above) from which the simulator check steps model and simulator"""
 
@@ -174,9 +183,10 @@ class Args:
     world_model_steps: int = 1_000_000
     """pretraining steps of the world model, Algorithm 1's initialisation IWU(pi_D) (Table 2)"""
     behavior_steps: int = 100_000
-    """BC steps that fit the behavior policy pi_D used in the importance weights"""
+    """BC steps that fit the behavior policy pi_D used in the importance weights (not in the paper)"""
     eval_every: int = 5000
-    """evaluate in the real simulator (and write metrics and the checkpoint) every this many policy steps"""
+    """evaluate in the real simulator (and write metrics and the checkpoint) every this many policy steps (not in
+    the paper; README, detail 12)"""
     eval_episodes: int = 10
     """episodes per evaluation, deterministic actions"""
     log_every: int = 1000
@@ -698,7 +708,8 @@ class WorldModel(nn.Module):
 
     def loss_per_sample(self, s, a, r, terminal, s_next, generator: torch.Generator | None = None) -> torch.Tensor:
         """l_i of Algorithm 1 (IWU): ||eps - eps_theta(s_noise, (s, a), k)||^2 + (r - r_eta)^2, plus the terminal's
-        cross-entropy. The eps error is averaged over state dimensions. -> (B,)"""
+        cross-entropy. The eps error is averaged over state dimensions, and the condition (s, a) is dropped to the
+        null token with probability --cond-drop-prob (classifier-free training). -> (B,)"""
         B, dev, g = s.shape[0], s.device, generator
         k = torch.randint(1, self.K + 1, (B,), device=dev, generator=g)   # k ~ Uniform{1..K}
         noise = torch.randn(s_next.shape, device=dev, generator=g)
@@ -762,7 +773,8 @@ def weighted_loss(l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def world_model_update(wm: WorldModel, opt, b: dict[str, torch.Tensor], w: torch.Tensor | None = None,
                        generator: torch.Generator | None = None):
-    """One gradient step on L(theta, eta) = 1/N sum_i w_i l_i (Eq. 3); w = None is pretraining (pi = pi_D, w = 1)."""
+    """One gradient step on L(theta, eta) = 1/N sum_i w_i l_i (Eq. 3); w = None: unit weights (pretraining, where
+    pi = pi_D, or a batch resampled in proportion to the weights)."""
     l = wm.loss_per_sample(b["s"], b["a"], b["r"], b["terminal"], b["s_next"], generator)
     loss = l.mean() if w is None else weighted_loss(l, w)
     gradient_step(opt, loss)
@@ -772,7 +784,7 @@ def world_model_update(wm: WorldModel, opt, b: dict[str, torch.Tensor], w: torch
 def pretrain_world_model(args: Args, D: Buffer, wm: WorldModel, wm_opt) -> None:
     """Algorithm 1's initialisation of the model on D with unit weights, IWU(pi_D, D, theta, eta): under pi_D itself
     every weight of Eq. 3 is 1. `pretrained_world_model` (section 10) caches the result on disk."""
-    progress = Progress("world model", args.world_model_steps, args.log_every)
+    progress = Progress("world model", args.world_model_steps, args.log_every)  # a progress line (section 11)
     for step in range(1, args.world_model_steps + 1):
         progress.update(step, {"loss": world_model_update(wm, wm_opt, D.sample(args.world_model_batch_size))})
 
@@ -1103,7 +1115,7 @@ def setup(args: Args, device: torch.device, run_dir: Path, pretrain: bool = True
     normalizer = Normalizer(data["s"].mean(0), data["s"].std(0)).to(device)
     D = dataset_buffer(data, normalizer, device)
     s_dim, a_dim = data["s"].shape[1], data["a"].shape[1]
-    # Initialize the target policy pi_phi (the agent's actor) and the replay buffer D_hat = {}
+    # Initialize the target policy pi_phi (the agent's actor)
     agent = AGENTS[args.agent](s_dim, a_dim, args, device)
     run = Run(args, run_dir, device, normalizer, D, agent, refs,
               [gym.make(ENVS[args.env].gym_id) for _ in range(args.eval_episodes)], RunLog(args))
@@ -1114,7 +1126,7 @@ def setup(args: Args, device: torch.device, run_dir: Path, pretrain: bool = True
         run.pi_D = behavior_policy(args, D, device, pretrain)
         if pretrain:  # (otherwise once pi_D is loaded)
             D.data["log_pi_D"] = log_density(run.pi_D, D)
-        run.D_hat = Buffer(args.model_buffer_size, s_dim, a_dim, device)
+        run.D_hat = Buffer(args.model_buffer_size, s_dim, a_dim, device)  # the replay buffer D_hat = {}
         run.iwu_generator = torch.Generator(device).manual_seed(seed_of(args.seed, "iwu"))
         run.uncertainty_generator = torch.Generator(device).manual_seed(seed_of(args.seed, "uncertainty"))
         for group in run.wm_opt.param_groups:
@@ -1186,10 +1198,14 @@ def policy_shift(pi: Policy, pi_D: Policy, s: torch.Tensor) -> torch.Tensor:
 def return_gap_diagnostics(wm: WorldModel, pi: Policy, pi_D: Policy, b: dict, gamma: float, r_max: float,
                            max_weight: float, self_normalize: bool) -> dict[str, float]:
     """Estimates of the errors of Theorem 4.4 on dataset transitions b, and the bound C of Eq. 9.
-    eps_r, eps_m: importance-weighted (i.e. under pi_phi, as Definitions 4.1-4.2 ask) mean squared errors of the
-    model's reward and of its sampled next state (normalized units), the paper's practical proxy for the TV terms.
-    eps_pi: TV(pi_phi, pi_D) = E_{a ~ pi_phi}[max(0, 1 - pi_D(a|s)/pi_phi(a|s))], averaged over dataset states (the
-    policy shift the proof's first and third terms bound; the max over states of Definition 4.3 is too noisy).
+    eps_r, eps_m: importance-weighted (i.e. under pi_phi, as Eqs. 6-7 ask; Definition 4.2's prose says pi_D) mean
+    squared errors of the model's reward and of its sampled next state (normalized units), the paper's practical
+    proxy for the TV terms.
+    eps_pi: TV(pi_phi, pi_D) = E_{a ~ pi_phi}[max(0, 1 - pi_D(a|s)/pi_phi(a|s))], averaged over dataset states: the
+    drift from the data's behavior policy that Sec. 4.3 ("Policy shifting") says raises eps_pi. Definition 4.3
+    (Eq. 8) defines eps_pi between the evaluated policy and the target policy whose rollouts filled D_hat, a shift
+    the loop keeps small (PE's rollouts are at most --rollout-every steps stale); and it takes the max over states,
+    too noisy to estimate. So C below, fed this eps_pi, is looser than Eq. 9's would be.
     The weights are Eq. 3's at lambda = 1 whatever --is-exponent is, self-normalized and truncated as the IWU's
     (--is-max-weight, --no-is-self-normalize), so that arms differing only in lambda see the same weights."""
     w = importance_weights(pi.log_prob(b["s"], b["a"]), b["log_pi_D"], max_weight, self_normalize)
@@ -1286,6 +1302,7 @@ def evaluate_and_checkpoint(run: Run, step: int) -> None:
         # are paired, and leave the run's own random stream alone.
         with own_stream(args.seed, "diagnostics", run.device):
             b = run.D.sample(args.diag_samples)
+            # r_max = max |r|: Lemma 4.5's max r bounds |r| only where rewards are >= 0 (halfcheetah's are not)
             r_max = run.D.data["r"][: run.D.size].abs().max().item()
             row.update(return_gap_diagnostics(run.wm, run.agent.actor, run.pi_D, b, args.gamma, r_max,
                                               args.is_max_weight, args.is_self_normalize))
