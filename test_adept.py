@@ -231,6 +231,7 @@ def test_dataset_matches_the_simulator(data):
     env = gym.make("Hopper-v5")
     sim = env.unwrapped
     ok = np.flatnonzero((np.abs(d["s"][:, 5:]).max(1) < 9.9) & (np.abs(d["s_next"][:, 5:]).max(1) < 9.9))[:50]
+    assert len(ok) == 50
     for i in ok:
         env.reset(seed=0)
         sim.set_state(np.concatenate([[0.0], d["s"][i, :5]]), d["s"][i, 5:])
@@ -263,8 +264,13 @@ def test_sac_target_and_losses():
     y = adept.sac_target(r, d, q_next=torch.tensor([5.0, 5.0]), logp_next=torch.tensor([-1.0, -1.0]), alpha=0.5,
                          gamma=0.9)
     assert y.tolist() == pytest.approx([1 + 0.9 * (5 + 0.5), 1.0])  # a termination does not bootstrap
-    q = torch.tensor([[1.0, 2.0], [3.0, 2.0]])
-    assert adept.critic_loss(q, torch.tensor([2.0, 2.0])).item() == pytest.approx(0.5 + 0.5)
+    q = torch.tensor([[1.0, 2.0, 4.0], [3.0, 2.0, 0.0]])  # (2 critics, 3 samples): each critic's mean, summed
+    assert adept.critic_loss(q, torch.tensor([2.0, 2.0, 2.0])).item() == pytest.approx(5 / 3 + 5 / 3)
+    assert adept.critic_loss(q, torch.tensor([1.0, 2.0, 4.0])).item() == pytest.approx(0 + (4 + 0 + 16) / 3)
+    for logp, sign in ((0.0, 1), (5.0, -1)):  # entropy 0 above the target -3, then -5 below it
+        log_alpha = torch.zeros(1, requires_grad=True)
+        adept.sac_alpha_loss(log_alpha, torch.tensor([logp]), -3.0).backward()
+        assert log_alpha.grad.item() * sign > 0  # a gradient step lowers alpha above the target, raises it below
     assert adept.sac_actor_loss(torch.tensor([1.0]), torch.tensor([-2.0]), 0.5).item() == pytest.approx(-2.0)
     assert adept.iql_q_target(r, d, torch.tensor([3.0, 3.0]), 0.5).tolist() == pytest.approx([2.5, 1.0])
     # AWR: exp(beta A) is clamped at 100
@@ -291,7 +297,16 @@ def test_tanh_gaussian_sample_log_prob_agrees_with_log_prob():
     s = torch.randn(64, 4)
     a, logp = pi.sample(s)
     inside = a.abs().max(1).values < 0.999
-    assert torch.allclose(pi.log_prob(s, a)[inside], logp[inside], atol=1e-3)
+    assert inside.sum() > 48 and torch.allclose(pi.log_prob(s, a)[inside], logp[inside], atol=1e-3)
+    # the density itself, against torch's own tanh-transformed Gaussian (tanh_log_det is shared by both above)
+    u = torch.linspace(-5, 5, 101)[:, None]
+    naive = torch.log1p(-torch.tanh(u.double()) ** 2).sum(-1).float()  # in double: in float32 it loses digits
+    assert torch.allclose(adept.tanh_log_det(u), naive, atol=1e-4)
+    mu, log_std = pi(s)
+    ref = torch.distributions.TransformedDistribution(torch.distributions.Normal(mu, log_std.exp()),
+                                                      torch.distributions.TanhTransform())
+    a_in = a.clamp(-0.99, 0.99)
+    assert torch.allclose(pi.log_prob(s, a_in), ref.log_prob(a_in).sum(-1), atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -453,6 +468,10 @@ def test_cosine_schedule_shape_and_bounds():
     assert ab[0].item() == pytest.approx(f(1) / f(0), rel=1e-5)
     assert sch["post_var"][0].item() == pytest.approx(0.0, abs=1e-7)  # the last reverse step is the mean
     assert (sch["post_var"][1:] > 0).all()
+    # the posterior mean c0 x_0 + ck x_k: at k = 1 it is x_0, and it keeps the marginal mean, E[x_{k-1}|x_0]
+    assert sch["post_c0"][0].item() == pytest.approx(1.0) and sch["post_ck"][0].item() == pytest.approx(0.0, abs=1e-7)
+    ab_prev = torch.cat([torch.ones(1), ab[:-1]])
+    assert torch.allclose(sch["post_c0"] + sch["post_ck"] * ab.sqrt(), ab_prev.sqrt(), atol=1e-5)
 
 
 A_TOY = torch.tensor([[0.9, 0.2], [-0.1, 0.8]])
@@ -492,6 +511,7 @@ def test_toy_conditional_samples_match_the_true_conditional(toy_model):
 
 
 def test_toy_unconditional_branch_ignores_the_condition(toy_model):
+    torch.manual_seed(4)
     x, k = torch.randn(64, 2), torch.randint(1, 11, (64,))
     null = torch.zeros(64, 1)
     e1 = toy_model.eps_theta(x, k, torch.randn(64, 3), null)
@@ -532,6 +552,7 @@ def test_importance_weights():
     w = _weights(pi, pi_D, s, a, max_weight=1e9)
     assert torch.equal(w.argsort(), ratio.argsort())
     assert torch.allclose(w, ratio / ratio.mean(), rtol=1e-4)  # self-normalized: mean 1
+    assert torch.allclose(_weights(pi, pi_D, s, a, 1e9, False), ratio, rtol=1e-4)  # --no-is-self-normalize
     assert _weights(pi, pi_D, s, a, max_weight=2.0).max() <= 2.0
     # a narrow policy far from the data gives weights near 1e-40; below 1e-8 they are exactly 0 (no subnormals)
     narrow = adept.GaussianActor(3, 2, 16)
@@ -582,12 +603,38 @@ def test_rollouts_have_the_right_shapes_respect_clipping_and_stop_at_terminals()
     assert out["valid"][:, 0].all() and not out["valid"][:, 1:].any()
 
 
+def _marked_buffer(n: int, r: float, s_dim: int = 2, a_dim: int = 1) -> adept.Buffer:
+    """n transitions whose reward r marks where a batch's rows came from."""
+    buf = adept.Buffer(n, s_dim, a_dim, torch.device("cpu"))
+    buf.add({"s": torch.randn(n, s_dim), "a": torch.rand(n, a_dim) * 2 - 1, "r": torch.full((n,), r),
+             "s_next": torch.randn(n, s_dim), "terminal": torch.zeros(n)})
+    return buf
+
+
+def test_policy_batches_draw_their_share_from_the_model_buffer():
+    """B ~ D U D_hat: --model-ratio of each policy batch comes from D_hat once it holds data, the rest from D."""
+    torch.manual_seed(0)
+    D, D_hat = _marked_buffer(100, 0.0), _marked_buffer(100, 1.0)  # r = 0: dataset, r = 1: model
+    assert (adept.policy_batch(D, D_hat, 32, 0.25)["r"] == 1).sum() == 8
+    assert (adept.policy_batch(D, D_hat, 32, 0.5)["r"] == 1).sum() == 16
+    assert (adept.policy_batch(D, adept.Buffer(100, 2, 1, torch.device("cpu")), 32, 0.5)["r"] == 0).all()  # empty
+    assert (adept.policy_batch(D, None, 32, 0.5)["r"] == 0).all()  # no world model: the agent alone
+
+
+def test_rank_correlation_is_spearmans():
+    x, y = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.4]), torch.tensor([0.3, 0.1, 0.4, 0.2, 0.5])
+    assert adept.rank_correlation(x, y) == pytest.approx(-0.5)  # 1 - 6 sum d^2 / (n (n^2 - 1)), sum d^2 = 30
+    assert adept.rank_correlation(x, x**3) == pytest.approx(1.0)  # any increasing map keeps the ranks
+
+
 def test_uncertainty_is_zero_without_noise_and_grows_with_the_models_spread(toy_model):
     s, a = torch.tensor([[1.0, -0.5]]).repeat(500, 1), torch.tensor([[0.8]]).repeat(500, 1)
     g = torch.Generator().manual_seed(0)
     point = adept.WorldModel(2, 1, hidden=16)
     point.set_ranges(torch.full((1, 2), 0.3), torch.zeros(1))  # every sample clipped to one point: noise has no say
     assert torch.equal(adept.disagreement(point.sample_n(s, a, 5, g)), torch.zeros(500))
+    two = torch.tensor([[[0.0, 0.0]], [[2.0, 4.0]]])  # N = 2 samples of one 2-D next state: stds sqrt(2), sqrt(8)
+    assert adept.disagreement(two).shape == (1,) and adept.disagreement(two).item() == pytest.approx(math.sqrt(10))
     torch.manual_seed(3)
     u = adept.disagreement(toy_model.sample_n(s, a, 16, g))  # (500,), each from 16 samples
     # || (sigma, sigma) || = 0.42 for the true conditional; the K = 10 sampler under-disperses (see the test above)
@@ -1041,8 +1088,14 @@ def test_behavior_densities_are_finite_on_the_closed_action_box():
         assert torch.isfinite(w).all() and (w > 0).all()
     assert torch.allclose(adept.UniformPolicy(3).log_prob(s, edge), torch.full((3,), -3 * math.log(2)))
     beta = adept.BetaActor(4, 3, 16)
-    a, logp = beta.sample(s)
-    assert a.abs().max() <= 1 and torch.allclose(logp, beta.log_prob(s, a))
+    a, _ = beta.sample(s)
+    assert a.abs().max() <= 1
+    grid = torch.linspace(-1, 1, 20001)  # a density on the box: it integrates to 1 (dx/da = 1/2 included)
+    beta1 = adept.BetaActor(4, 1, 16)
+    with torch.no_grad():
+        beta1.net[-1].bias.copy_(torch.tensor([1.0, 0.3]))  # a skewed Beta
+        density = beta1.log_prob(s[:1].repeat(len(grid), 1), grid[:, None]).exp()
+    assert torch.trapezoid(density, grid).item() == pytest.approx(1.0, abs=1e-3)
 
 
 def test_policy_shift_counts_actions_off_the_box_as_outside_pi_D():
@@ -1057,9 +1110,33 @@ def test_policy_shift_counts_actions_off_the_box_as_outside_pi_D():
     s = torch.randn(4096, 4)
     outside = (pi.sample(s)[0].abs() > 1).float().mean().item()
     assert 0.49 < outside < 0.56  # P(z > 0) + P(z < -2) = 0.523
-    assert adept.policy_shift(pi, adept.UniformPolicy(1), s).item() > 0.49  # its own draws: the same 52%
+    assert 0.49 < adept.policy_shift(pi, adept.UniformPolicy(1), s).item() < 0.56  # its own draws: the same 52%
     sac = adept.TanhGaussianActor(4, 1, 16)  # squashed: always on the box, the estimate unchanged
     assert 0 <= adept.policy_shift(sac, adept.UniformPolicy(1), s).item() < 0.45
+
+
+def test_return_gap_diagnostics_weigh_the_errors_and_follow_eq_9():
+    """A model whose next state and reward are clipped to one point (c, r_c) has known errors on any batch; with
+    log pi_D set so that half the rows have ratio 3 and half 1, eps_m and eps_r are those errors weighted 3:1, and
+    pi = pi_D (both uniform) makes eps_pi exactly 0, so that Eq. 9's bound is C = 2 r_max (eps_r/(1 - gamma)
+    + gamma eps_m/(1 - gamma)^2)."""
+    torch.manual_seed(0)
+    n, gamma, r_max = 64, 0.99, 2.0
+    wm = adept.WorldModel(3, 2, hidden=16)
+    c, r_c = torch.tensor([[0.5, -0.2, 0.1]]), torch.tensor([0.7])
+    wm.set_ranges(c, r_c)
+    pi = adept.UniformPolicy(2)
+    b = {"s": torch.randn(n, 3), "a": torch.rand(n, 2) * 2 - 1, "r": torch.randn(n), "s_next": torch.randn(n, 3)}
+    ratio = torch.tensor([3.0, 1.0]).repeat(n // 2)
+    b["log_pi_D"] = pi.log_prob(b["s"], b["a"]) - ratio.log()
+    out = adept.return_gap_diagnostics(wm, pi, pi, b, gamma, r_max, max_weight=1e9, self_normalize=True)
+    eps_m = (ratio * ((c - b["s_next"]) ** 2).mean(-1)).sum() / ratio.sum()
+    eps_r = (ratio * (r_c - b["r"]) ** 2).sum() / ratio.sum()
+    assert out["eps_m"] == pytest.approx(eps_m.item(), rel=1e-5)
+    assert out["eps_r"] == pytest.approx(eps_r.item(), rel=1e-5)
+    assert out["eps_pi"] == 0.0
+    C = 2 * r_max * (eps_r / (1 - gamma) + gamma * eps_m / (1 - gamma) ** 2)
+    assert out["return_gap_bound"] == pytest.approx(C.item(), rel=1e-5)
 
 
 def test_uniform_density_only_for_the_locally_built_random_data():
@@ -1069,11 +1146,32 @@ def test_uniform_density_only_for_the_locally_built_random_data():
 
 
 def test_tempered_weights():
+    torch.manual_seed(0)
     log_pi, log_pi_D = torch.randn(256) * 3, torch.randn(256)
     assert torch.equal(adept.importance_weights(log_pi, log_pi_D, exponent=0.0), torch.ones(256))  # the control
     half = adept.importance_weights(log_pi, log_pi_D, max_weight=math.inf, exponent=0.5)
     ratio = (0.5 * (log_pi - log_pi_D)).exp()
     assert torch.allclose(half, ratio / ratio.mean(), rtol=1e-4)  # w ~ (pi/pi_D)^(1/2), mean 1
+
+
+def test_resampled_iwu_trains_on_the_heavy_transitions_with_unit_weights(monkeypatch):
+    """--is-resample-pool: B_m rows drawn from the pool in proportion to Eq. 3's weights, then weighed equally.
+    Half the dataset has a log ratio of +30 (marked r = 1), the other half 0 (r = 0): every drawn row is heavy."""
+    torch.manual_seed(0)
+    D = _marked_buffer(200, 0.0)
+    D.data["r"][:100] = 1.0
+    pi = adept.UniformPolicy(1)
+    D.data["log_pi_D"] = pi.log_prob(D.data["s"], D.data["a"]) - torch.where(D.data["r"] == 1, 30.0, 0.0)
+    seen = []
+    monkeypatch.setattr(adept, "world_model_update", lambda wm, opt, b, w, g: seen.append((b, w)) or torch.zeros(()))
+    g = torch.Generator().manual_seed(0)
+    _, ess = adept.importance_sampled_update(None, None, pi, D, Args(is_resample_pool=64, is_batch_size=32), g)
+    b, w = seen[-1]
+    assert w is None and len(b["s"]) == 32 and (b["r"] == 1).all()
+    assert 0.3 < ess.item() < 0.7  # the pool's weights: about half of its rows carry all the weight
+    adept.importance_sampled_update(None, None, pi, D, Args(is_batch_size=32), g)  # the weighted update instead
+    b, w = seen[-1]
+    assert w is not None and len(b["s"]) == 32 and torch.equal(w > 1, b["r"] == 1)
 
 
 def test_arms_of_a_seed_are_paired(tmp_path, data):
@@ -1168,7 +1266,8 @@ def test_is_study_writes_every_cell_and_skips_written_ones(tmp_path, monkeypatch
         assert rows[0]["pe_return_error"] == cells["sac20__frozen" if "sac20" in name else "sac40__frozen"][0][
             "pe_return_error"]  # every arm starts from the same pretrained model, measured the same way
     assert len({r["pe_return_error"] for r in cells["sac20__frozen"]}) == 1  # the frozen model never changes
-    assert cells["sac20__eq3"][-1] != cells["sac20__frozen"][-1]  # the update moved the model
+    eq3_last, frozen_last = cells["sac20__eq3"][-1], cells["sac20__frozen"][-1]
+    assert any(eq3_last[c] != frozen_last[c] for c in ("dataset_state_error", "pe_return_error"))  # it moved the model
     assert float(cells["sac20__w1"][-1]["batch_ess"]) == 1.0 and 0 < float(cells["sac20__eq3"][-1]["batch_ess"]) < 1
     meta = json.loads((out / "meta.json").read_text())
     for t in meta["targets"].values():
