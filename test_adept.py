@@ -278,6 +278,23 @@ def test_sac_target_and_losses():
     assert loss.item() == pytest.approx((1.0 + 100.0) / 2)
 
 
+def test_agents_bootstrap_from_the_smaller_of_the_twin_target_critics(monkeypatch):
+    """Clipped double-Q: SAC's target and IQL's value target take min_j Q'_j, here 1 of the target heads 1 and 5."""
+    torch.manual_seed(0)
+    b = _marked_buffer(64, 0.0).sample(32)
+    for name, fn, position in (("sac", "sac_target", 2), ("iql", "expectile_loss", 0)):  # q_next; q_t - V(s)
+        agent = adept.AGENTS[name](2, 1, Args(hidden=16), torch.device("cpu"))
+        with torch.no_grad():
+            for head, value in ((agent.q_target.q1, 1.0), (agent.q_target.q2, 5.0)):
+                head[-1].weight.zero_(), head[-1].bias.fill_(value)
+            if name == "iql":
+                agent.v[-1].weight.zero_(), agent.v[-1].bias.zero_()  # V = 0, so q_t - V is q_t
+        seen, original = [], getattr(adept, fn)
+        monkeypatch.setattr(adept, fn, lambda *a, original=original: seen.append(a[position]) or original(*a))
+        agent.update(b)
+        assert torch.equal(seen[0], torch.ones(32)), name
+
+
 def test_bc_log_likelihood_is_finite_at_the_action_bounds():
     pi = adept.GaussianActor(4, 3, 16)
     for p in pi.parameters():
