@@ -1076,7 +1076,8 @@ def test_fitted_behavior_density_represents_uniform_actions():
 
 def test_fitted_behavior_density_fits_a_tanh_gaussian_policy():
     """Actions of a known tanh-Gaussian policy: the fitted Beta's mean log-likelihood on held-out data is within 0.1
-    nat per action dimension of the true policy's."""
+    nat per action dimension of the true policy's, and not above it beyond sampling noise (a sign error in
+    the tanh or Beta densities would put it there)."""
     torch.manual_seed(1)
     W = torch.randn(4, 3) * 0.4
 
@@ -1092,7 +1093,7 @@ def test_fitted_behavior_density_fits_a_tanh_gaussian_policy():
     s, a, true = draw(5000)
     with torch.no_grad():
         gap = (true.mean() - pi_D.log_prob(s, a).mean()).item() / 3
-    assert gap < 0.1, gap
+    assert -0.03 < gap < 0.1, gap  # KL >= 0: a fitted density beats the true one on held-out data only by noise
 
 
 def test_behavior_densities_are_finite_on_the_closed_action_box():
