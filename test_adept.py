@@ -329,10 +329,16 @@ def test_tanh_gaussian_sample_log_prob_agrees_with_log_prob():
 # ---------------------------------------------------------------------------------------------------------------
 # Agents, end to end: training, evaluation, checkpoint, resume
 # ---------------------------------------------------------------------------------------------------------------
+def _initial_agent_state(args: Args) -> dict:
+    """The agent main(args) starts from: main's seeding (setup_torch) and construction (setup), nothing trained."""
+    adept.setup_torch(args)
+    run, _ = adept.setup(args, torch.device("cpu"), Path(args.output_dir), pretrain=False)
+    return copy.deepcopy(run.agent.state_dict())
+
+
 @pytest.mark.parametrize("agent", ["sac", "iql", "bc"])
 def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, agent, capsys):
-    torch.manual_seed(0)  # the seed main() sets: the networks it starts from
-    initial = adept.AGENTS[agent](11, 3, tiny(tmp_path, agent=agent), torch.device("cpu")).state_dict()
+    initial = _initial_agent_state(tiny(tmp_path, agent=agent, world_model=False))
     s = adept.main(tiny(tmp_path, agent=agent, world_model=False))
     assert "(mean of the last 2 evaluations" in capsys.readouterr().out
     run = tmp_path / f"hopper-random-{agent}-s0"
@@ -790,8 +796,7 @@ def test_adept_closed_loop_runs_every_phase(tmp_path, data, agent):
     assert ck["D_hat"]["size"] == c["model_transitions"]
     pre = load(next((tmp_path / "world_models").glob("*.pt")))["wm"]
     assert not torch.equal(ck["wm"]["noise_net.0.weight"], pre["noise_net.0.weight"])  # IWU moved the model
-    torch.manual_seed(0)  # the policy main() started from: the policy updates moved every layer
-    initial = adept.AGENTS[agent](11, 3, tiny(tmp_path, agent=agent), torch.device("cpu")).actor.state_dict()
+    initial = _initial_agent_state(tiny(tmp_path, agent=agent))["actor"]  # the policy updates moved every layer
     assert all(not torch.equal(initial[k], ck["agent"]["actor"][k]) for k in initial)
 
 
