@@ -241,7 +241,7 @@ def write_run(folder: Path, arm: str, seed: int, scores: list[float], every: int
         w = csv.DictWriter(f, ["step", "normalized_score"])
         w.writeheader()
         w.writerows({"step": every * (i + 1), "normalized_score": s} for i, s in enumerate(scores))
-    (run / "summary.json").write_text("{}")
+    (run / "summary.json").write_text(json.dumps({"total_steps": every * len(scores)}))
 
 
 def test_report_aggregates_the_tasks_of_a_budget_against_any_reference(tmp_path, capsys):
@@ -286,7 +286,7 @@ def test_report_ablation_shows_the_uncertainty_where_runs_measured_it(tmp_path, 
         w.writeheader()
         w.writerows({"step": 100 * (i + 1), "normalized_score": 10.0 + i, "u_rollout": u, "truncated_share": 0.1 * i,
                      "u_error_rank_corr": 0.5} for i, u in enumerate([9.0, 0.02, 0.04, 0.06]))
-    (run / "summary.json").write_text("{}")
+    (run / "summary.json").write_text(json.dumps({"total_steps": 400}))
     report.ablation(folder, None, reference="control")
     text = capsys.readouterr().out
     assert "| eps_pi | mean u | truncated | Spearman(u, err) |" in text
@@ -294,6 +294,34 @@ def test_report_ablation_shows_the_uncertainty_where_runs_measured_it(tmp_path, 
     assert "| - | 0.04 | 0.2 | 0.5 |" in text  # the last 3 evaluations: u's first 9.0 left out
     assert "| - | - | - | - | - | - |" in text  # the control: no model errors, no u
     assert "| adept-sac-samples5 | +9.0 | +9.0 |" in text  # 12 - 3
+
+
+def test_report_scores_each_run_at_the_budget_it_finished(tmp_path, capsys):
+    """A run extended in stages: its summary.json is the last finished stage's (200 steps), its metrics.csv grows
+    in the next. The ablation scores it at 200 beside a run that finished 200, and pairs only seeds at one budget;
+    milestones calls it running; a column that one seed lacks is averaged over the seeds that have it, and says so."""
+    folder = tmp_path / "hopper-random"
+    write_run(folder, "sac", 0, [1.0, 2.0])
+    write_run(folder, "sac", 1, [5.0, 5.0, 5.0])  # finished 300: no pair with a seed 1 at 200
+    write_run(folder, "adept-sac", 0, [3.0, 5.0, 90.0, 90.0])  # metrics to 400, summary at 200
+    write_run(folder, "adept-sac", 1, [6.0, 6.0])
+    for seed, errors in ((0, [0.5, 0.7, 9.0, 9.0]), (1, None)):  # seed 1 did not measure the return error
+        run = folder / f"hopper-random-adept-sac-s{seed}"
+        rows = list(csv.DictReader(open(run / "metrics.csv")))
+        with open(run / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["step", "normalized_score"] + ["sim_return_error_h"] * (errors is not None))
+            w.writeheader()
+            w.writerows({**r, **({"sim_return_error_h": e} if errors else {})} for r, e in zip(rows, errors or rows))
+        (run / "summary.json").write_text(json.dumps({"total_steps": 200}))
+    report.ablation(folder, None)
+    text = capsys.readouterr().out
+    assert "| ADEPT-SAC | 2 | 200 | 5.0 +- 1.0 |" in text  # (3 + 5)/2 = 4 and 6: the rows after 200 left out
+    assert "| 0.6 (1 of 2 seeds) |" in text
+    assert "| SAC | 2 | 200-300 |" in text
+    assert "| SAC | +2.5 | +2.5 |" in text  # seed 0 alone: 4 - 1.5; seed 1's runs ended at other budgets
+    report.milestones(folder, [200], None)
+    text = capsys.readouterr().out
+    assert "| adept-sac-s0 | running | 400 |" in text and "| sac-s0 | yes | 200 |" in text
 
 
 def write_cell(folder: Path, name: str, ret_error: float, scores: list[float], done: bool = True) -> None:
@@ -333,3 +361,8 @@ def test_calibration_picks_the_best_score_among_the_lowest_return_errors(tmp_pat
     assert math.isnan(report.window_mean(rows, "normalized_score", 500))  # not reached
     report.milestones(folder, [300], None)
     assert "| adept-sac-samples5-upenalty2-s10 | running | 400 | 9.3 |" in capsys.readouterr().out  # no summary.json
+    write_cell(folder, "hopper-random-adept-sac-lambda0-samples5-upenalty10-s0", 0.01, [50] * 4)  # not a grid cell
+    assert report.calibration(folder, budget=400, cells=3)["lam"] == 5.0
+    write_cell(folder, "hopper-random-adept-sac-samples5-upenalty10-s0", 0.01, [50] * 4)  # another seed's grid
+    with pytest.raises(SystemExit, match="seeds 0, 10"):
+        report.calibration(folder, budget=400, cells=3)

@@ -41,6 +41,7 @@ calibration: the uncertainty penalty's grid (runs named ...-samples<N>[-upenalty
 
 import argparse
 import csv
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -172,14 +173,32 @@ def arm_and_seed(folder: str, run: str) -> tuple[str, int]:
     return arm, int(seed)
 
 
+def finished_steps(run: Path) -> int | None:
+    """The budget a run last finished (summary.json's total_steps), or None while it has not finished one. A run
+    extended in stages rewrites summary.json at the end of each stage, while its metrics.csv grows in the next."""
+    summary = run / "summary.json"
+    if not summary.exists():
+        return None
+    total = json.loads(summary.read_text()).get("total_steps")
+    return int(total) if total is not None else int(read_csv(run / "metrics.csv")[-1]["step"])  # no budget: as is
+
+
+def finished_rows(run: Path) -> list[dict] | None:
+    """A finished run's evaluations up to the budget it finished, or None."""
+    total = finished_steps(run)
+    rows = [r for r in read_csv(run / "metrics.csv") if total is not None and r["step"] <= total]
+    return rows if rows and rows[-1]["step"] == total else None
+
+
 def load_runs(folder: Path) -> dict:
-    """The finished runs of a folder <env>-<dataset>: arm -> seed -> rows of metrics.csv."""
+    """The finished runs of a folder <env>-<dataset>, each up to the budget it finished: arm -> seed -> rows of
+    metrics.csv, seeds in numerical order."""
     runs = defaultdict(dict)
-    for metrics in sorted(folder.glob("*/metrics.csv")):
-        if not (metrics.parent / "summary.json").exists():  # finished runs only
-            continue
-        arm, seed = arm_and_seed(folder.name, metrics.parent.name)
-        runs[arm][seed] = read_csv(metrics)
+    for (arm, seed), run in sorted((arm_and_seed(folder.name, m.parent.name), m.parent)
+                                   for m in folder.glob("*/metrics.csv")):
+        rows = finished_rows(run)
+        if rows is not None:
+            runs[arm][seed] = rows
     return runs
 
 
@@ -227,11 +246,16 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
     for arm in arms:
         s = np.array(list(score[arm].values()))
         lo, hi = bootstrap_ci(s)
-        def err(key):  # mean over seeds of the run's last 3 evaluations; "-" where the arm has no model
-            v = np.array([r.get(key, np.nan) for rows in runs[arm].values() for r in rows[-3:]])
-            return f"{v[~np.isnan(v)].mean():.3g}" if (~np.isnan(v)).any() else "-"
+        def err(key):  # mean over seeds of each run's last 3 evaluations; "-" where the arm has no model
+            per_seed = [np.nanmean(v) if not np.all(np.isnan(v := np.array([r.get(key, np.nan) for r in rows[-3:]])))
+                        else np.nan for rows in runs[arm].values()]
+            n = int(np.sum(~np.isnan(per_seed)))
+            if n == 0:
+                return "-"
+            return f"{np.nanmean(per_seed):.3g}" + (f" ({n} of {len(per_seed)} seeds)" if n < len(per_seed) else "")
 
-        steps = int(next(iter(runs[arm].values()))[-1]["step"])
+        steps = sorted({int(rows[-1]["step"]) for rows in runs[arm].values()})
+        steps = str(steps[0]) if len(steps) == 1 else "-".join(map(str, (steps[0], steps[-1])))
         print(f"| {ABLATION_ARMS.get(arm, arm)} | {len(s)} | {steps} | {s.mean():.1f} +- {s.std():.1f} | "
               f"[{lo:.1f}, {hi:.1f}] | {s.max():.1f} | {', '.join(f'{x:.1f}' for x in s)} | "
               f"{err('sim_state_error_h')} | {err('sim_return_error_h')} | {err('eps_pi')} |"
@@ -251,7 +275,8 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
             print("| arm | per seed | mean | 95% bootstrap CI |")
         print("|---|---|---|---|")
         for x, y in pairs:
-            common = sorted(set(score[x]) & set(score[y]))
+            last = lambda arm, seed: runs[arm][seed][-1]["step"]  # noqa: E731
+            common = [s for s in sorted(set(score[x]) & set(score[y])) if last(x, s) == last(y, s)]  # same budget
             if not common:
                 continue
             d = np.array([score[x][s] - score[y][s] for s in common])
@@ -444,7 +469,7 @@ def milestones(folder: Path, at: list[int], png: Path | None) -> None:
             for key, _, fmt in MILESTONE_KEYS:
                 v = window_mean(rows, key, step)
                 cells.append("-" if np.isnan(v) else format(v, fmt))
-        done = "yes" if (folder / name / "summary.json").exists() else "running"
+        done = "yes" if finished_steps(folder / name) == rows[-1]["step"] else "running"
         print(f"| {short_name(name)} | {done} | {int(rows[-1]['step'])} | {' | '.join(cells)} |")
     if png:
         fig, axes = plt.subplots(1, len(MILESTONE_KEYS), figsize=(4.2 * len(MILESTONE_KEYS), 3.6))
@@ -469,7 +494,14 @@ def penalty_setting(run: str) -> tuple[float, float | None]:
 
 
 def calibration(folder: Path, budget: int, cells: int = 8) -> dict | None:
-    runs = all_runs(folder)
+    """The grid of one seed's ADEPT runs with N samples (adept-<agent>-samples<N>[-upenalty..][-uthreshold..]-s<seed>),
+    each scored up to the budget; the choice among the finished penalized cells by the rule of results/README.md."""
+    runs = {name: [r for r in rows if r["step"] <= budget] for name, rows in all_runs(folder).items()
+            if re.fullmatch(r".*-adept-[a-z]+-samples\d+(-upenalty[^-]+)?(-uthreshold[^-]+)?-s\d+", name)}
+    runs = {name: rows for name, rows in runs.items() if rows}
+    seeds = {name.rsplit("-s", 1)[1] for name in runs}
+    if len(seeds) > 1:
+        raise SystemExit(f"error: {folder} holds the grids of seeds {', '.join(sorted(seeds))}: give one seed's")
     def late(rows, key):  # the mean over the evaluations after half of the budget; nan before it
         v = np.array([r.get(key, np.nan) for r in rows if r["step"] > budget / 2], dtype=float)
         return float(v[~np.isnan(v)].mean()) if (~np.isnan(v)).any() else float("nan")
@@ -491,11 +523,12 @@ def calibration(folder: Path, budget: int, cells: int = 8) -> dict | None:
         print(f"| {r['lam']:g} | {'-' if r['thr'] is None else format(r['thr'], 'g')} | {r['step']} | "
               f"{r['ret']:.3g} | {r['state']:.3g} | {r['score']:.1f} | {r['eps_pi']:.3g} | {r['u']:.3g} | "
               f"{r['trunc']:.3f} | {r['rho']:.2f} |")
-    penalized = [r for r in rows_out if r["lam"] > 0 or r["thr"] is not None]
-    finished = sum(r["done"] for r in penalized)
-    if finished < cells:
-        print(f"\nno choice yet: {finished} of the grid's {cells} cells have run {budget} steps")
+    penalized = [r for r in rows_out if (r["lam"] > 0 or r["thr"] is not None) and r["done"]]
+    if len(penalized) < cells:
+        print(f"\nno choice yet: {len(penalized)} of the grid's {cells} cells have run {budget} steps")
         return None
+    if any(np.isnan(r["ret"]) for r in penalized):
+        raise SystemExit("error: a finished cell has no H-step return error after half of the budget")
     best = min(r["ret"] for r in penalized)
     pick = max((r for r in penalized if r["ret"] <= 1.1 * best), key=lambda r: r["score"])
     print(f"\nchoice: lambda_u = {pick['lam']:g}, threshold {pick['thr']} (H-step return error {pick['ret']:.3g}, "
