@@ -1080,9 +1080,11 @@ def main(args: Args) -> dict:
 
     run_dir.mkdir(parents=True, exist_ok=True)  # only now that the run can start: a failed start leaves no folder
     start = load_checkpoint(ck, run) if ck else 0
-    if start >= args.total_steps and (run_dir / "summary.json").exists():  # a finished run: keep what it wrote
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    if start >= args.total_steps and summary.get("total_steps") == start:  # a finished run: keep what it wrote
         print(f"{run_dir} already finished {start} steps: nothing to do", flush=True)
-        return json.loads((run_dir / "summary.json").read_text())
+        return summary
+    # (a checkpoint at the budget whose summary was not written, or is an earlier stage's: it is written below)
     log.start(start, run_dir if args.tensorboard else None)
     update, iwu, roll = step_functions(run)  # agent.update, IWU, rollout(); replayed as CUDA graphs on a GPU
     for step in range(start + 1, args.total_steps + 1):

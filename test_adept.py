@@ -369,6 +369,12 @@ def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, ag
         assert again["counts"]["policy_updates"] == 60 and again["normalized_score"] == resumed["normalized_score"]
         assert again["wall_seconds"] == resumed["wall_seconds"]  # its summary kept, not rewritten with no training
         assert [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [20, 40, 60]
+        # killed after the last checkpoint, before its summary: the summary on disk is the 40-step stage's
+        (run / "summary.json").write_text(json.dumps({**resumed, "total_steps": 40}))
+        healed = adept.main(tiny(tmp_path, agent=agent, world_model=False, total_steps=60, resume=True))
+        assert healed["total_steps"] == 60 and healed["normalized_score"] == resumed["normalized_score"]
+        assert json.loads((run / "summary.json").read_text())["total_steps"] == 60
+        assert healed["counts"]["policy_updates"] == 60  # no step trained again
 
 
 def test_resume_continues_exactly(tmp_path, data, capsys):

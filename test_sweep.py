@@ -138,6 +138,20 @@ def test_a_tiny_grid_finishes_on_local_ray_with_the_commit_in_every_summary(repo
     res = sweep_module.execute({**spec, "commit": other, "worktree": str(out / ".code" / other)})
     assert res["status"] == "failed" and f"made by commit {commit}, not {other}" in res["error"]
     assert (task / names[0] / "summary.json").read_text() == before  # left as it was
+    recorded = json.loads(before)["args"]
+    for args, total in (({**recorded, "total_steps": 200, "threads": 2}, 100), ({**recorded, "eval_every": 7}, 100)):
+        res = sweep_module.execute({**spec, "args": args, "total_steps": total})  # free settings; then another grid
+        assert res["status"] == ("skipped" if args["eval_every"] == recorded["eval_every"] else "failed"), res
+    assert "made with other settings (eval_every" in res["error"]
+    (task / names[0] / "checkpoint.pt").rename(task / "checkpoint.pt")  # a finished stage without its checkpoint
+    res = sweep_module.execute({**spec, "args": recorded, "total_steps": 200})
+    assert res["status"] == "failed" and "no checkpoint to continue it from" in res["error"]
+    assert (task / names[0] / "summary.json").read_text() == before
+    (task / "checkpoint.pt").rename(task / names[0] / "checkpoint.pt")
+    code = out / ".code" / commit / "adept.py"
+    code.write_text(code.read_text() + "\n# edited\n")  # the commit's code edited in place: runs refused
+    res = sweep_module.execute(spec)
+    assert res["status"] == "failed" and "has been edited" in res["error"]
 
 
 def test_a_run_killed_after_its_first_checkpoint_is_resumed_by_the_sweep_to_the_same_weights(repo, tmp_path):

@@ -154,7 +154,7 @@ def grid(opts: argparse.Namespace, extra: list[str]) -> list[dict]:
 
 
 NAMER = r"""
-import contextlib, io, json, sys
+import contextlib, dataclasses, io, json, sys
 sys.path.insert(0, sys.argv[1])
 with contextlib.redirect_stdout(io.StringIO()):
     import adept
@@ -164,7 +164,8 @@ for argv in json.load(open(sys.argv[2])):
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             args = adept.parse_args(argv) if hasattr(adept, "parse_args") else adept.tyro.cli(adept.Args, args=argv)
-        out.append({"name": adept.run_name(args), "total_steps": args.total_steps})
+        out.append({"name": adept.run_name(args), "total_steps": args.total_steps,
+                    "args": json.loads(json.dumps(dataclasses.asdict(args), default=str))})
     except SystemExit:
         msg = " ".join(w for w in err.getvalue().split() if set(w) not in ({"-"}, {"─"}, {"│"}))  # tyro's frame
         out.append({"error": msg or "invalid arguments"})
@@ -173,8 +174,8 @@ json.dump(out, open(sys.argv[3], "w"))
 
 
 def run_names(worktree: Path, argvs: list[list[str]]) -> list[dict]:
-    """adept.py's run name (and total steps) of each argv, by the commit's own parser and run_name, in one process:
-    [{name, total_steps} or {error}]"""
+    """adept.py's run name, total steps and arguments of each argv, by the commit's own parser and run_name, in one
+    process: [{name, total_steps, args} or {error}]"""
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "in.json").write_text(json.dumps(argvs))
         r = subprocess.run([sys.executable, "-c", NAMER, str(worktree), f"{tmp}/in.json", f"{tmp}/out.json"],
@@ -224,6 +225,9 @@ def worktree(repo: Path, commit: str, path: Path) -> Path:
             else:
                 if head != commit:
                     raise RuntimeError(f"{path} holds commit {head}, not {commit}; delete it and run again")
+                if git(path, "status", "--porcelain", "--untracked-files=no"):  # the runs would not run the commit
+                    raise RuntimeError(f"{path}, the code of commit {commit[:10]}, has been edited; delete it and run "
+                                       "again")
                 return path
         path.parent.mkdir(parents=True, exist_ok=True)
         # --force: also where a deleted worktree of this path is still registered in the repository
@@ -299,10 +303,28 @@ def execute(spec: dict) -> dict:
         return result(spec, "failed", error=f"{type(e).__name__}: {e}")
 
 
+# adept.py's arguments that do not change what a run computes up to its budget: a run may be continued or left
+# finished under a command that differs in these alone (a stage raises --total-steps)
+FREE_ARGS = {"total_steps", "resume", "threads", "cuda", "cudagraphs", "output_dir", "log_every", "tensorboard"}
+
+
+def other_settings(recorded: dict | None, wanted: dict | None) -> list[str]:
+    """The arguments in which the run on disk and this command differ, FREE_ARGS aside ([] where either is unknown:
+    runs of older sweeps recorded none while under way)."""
+    if not recorded or not wanted:
+        return []
+    return [f"{k} {recorded[k]!r} there, {wanted[k]!r} here" for k in sorted(recorded.keys() & wanted.keys())
+            if k not in FREE_ARGS and recorded[k] != wanted[k]]
+
+
 def _execute(spec: dict, wt: Path, run_dir: Path, log: Path, commit: str, lock) -> dict:
     summary_path, marker = run_dir / "summary.json", run_dir / "sweep.json"
     summary, mark = read_json(summary_path), read_json(marker)
     recorded = (summary or {}).get("commit") or (mark or {}).get("commit")
+    differ = other_settings((summary or {}).get("args") or (mark or {}).get("args"), spec.get("args"))
+    if differ:  # the same run name, other settings (an --output-dir shared by two grids): never mix them
+        return result(spec, "failed", error=f"{run_dir} was made with other settings ({'; '.join(differ)}): left as "
+                      "it is (use another --output-dir)")
     if summary is not None:
         if recorded != commit:
             return result(spec, "failed", error=f"{run_dir} was made by commit {recorded or '(none recorded)'}, not "
@@ -315,6 +337,9 @@ def _execute(spec: dict, wt: Path, run_dir: Path, log: Path, commit: str, lock) 
         if summary.get("total_steps", 0) >= spec["total_steps"]:
             return scored(spec, "skipped", summary)
     resume = (run_dir / "checkpoint.pt").exists()
+    if not resume and summary is not None:  # a finished stage without its checkpoint: starting over would erase it
+        return result(spec, "failed", error=f"{run_dir} holds a run of {summary.get('total_steps')} steps but no "
+                      "checkpoint to continue it from: left as it is (a copy of committed results?)")
     if resume and recorded != commit:
         return result(spec, "failed", error=f"{run_dir} holds a checkpoint of commit {recorded}, not {commit}: not "
                       "continued" if recorded else f"{run_dir} holds a checkpoint that records no commit (not made by "
@@ -324,7 +349,8 @@ def _execute(spec: dict, wt: Path, run_dir: Path, log: Path, commit: str, lock) 
     if not spec["gpus"]:
         env["CUDA_VISIBLE_DEVICES"] = ""  # Ray leaves it alone for a task without GPUs: hide them
     run_dir.mkdir(parents=True, exist_ok=True)
-    note = {"commit": commit, "command": shlex.join(cmd), "host": socket.gethostname(), "started": time.time()}
+    note = {"commit": commit, "command": shlex.join(cmd), "host": socket.gethostname(), "started": time.time(),
+            "args": spec.get("args")}
     write_json(marker, note)
     t0 = time.time()
     with open(log, "a") as out:
@@ -338,6 +364,9 @@ def _execute(spec: dict, wt: Path, run_dir: Path, log: Path, commit: str, lock) 
         rc = proc.wait()
     seconds = time.time() - t0
     summary = read_json(summary_path)
+    if rc == 0 and summary is not None and summary.get("total_steps", 0) < spec["total_steps"]:
+        return result(spec, "failed", error=f"adept.py ended, but {summary_path} is of {summary.get('total_steps')} "
+                      f"steps, not {spec['total_steps']}")
     if rc == 0 and summary is not None:
         write_json(summary_path, {**summary, "commit": commit})
         marker.unlink(missing_ok=True)
@@ -431,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                            "command": f"adept.py {shlex.join(r['argv'])}"})
             continue
         task_dir = out / r["task"]
-        spec = {**r, "name": named["name"], "total_steps": named["total_steps"], "task_dir": str(task_dir),
+        spec = {**r, "name": named["name"], "total_steps": named["total_steps"], "args": named["args"],
+                "task_dir": str(task_dir),
                 "run_dir": str(task_dir / named["name"]), "log": str(task_dir / f"{named['name']}.log"),
                 "argv": [*r["argv"], "--output-dir", str(task_dir)], "commit": commit, "worktree": str(wt),
                 "repo": str(repo), "env": env, "gpus": opts.gpus_per_run}
