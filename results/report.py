@@ -177,10 +177,7 @@ def finished_steps(run: Path) -> int | None:
     """The budget a run last finished (summary.json's total_steps), or None while it has not finished one. A run
     extended in stages rewrites summary.json at the end of each stage, while its metrics.csv grows in the next."""
     summary = run / "summary.json"
-    if not summary.exists():
-        return None
-    total = json.loads(summary.read_text()).get("total_steps")
-    return int(total) if total is not None else int(read_csv(run / "metrics.csv")[-1]["step"])  # no budget: as is
+    return json.loads(summary.read_text()).get("total_steps") if summary.exists() else None
 
 
 def finished_rows(run: Path) -> list[dict] | None:
@@ -247,9 +244,8 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
         s = np.array(list(score[arm].values()))
         lo, hi = bootstrap_ci(s)
         def err(key):  # mean over seeds of each run's last 3 evaluations; "-" where the arm has no model
-            per_seed = [np.nanmean(v) if not np.all(np.isnan(v := np.array([r.get(key, np.nan) for r in rows[-3:]])))
-                        else np.nan for rows in runs[arm].values()]
-            n = int(np.sum(~np.isnan(per_seed)))
+            per_seed = np.array([window_mean(rows, key, rows[-1]["step"]) for rows in runs[arm].values()])
+            n = int((~np.isnan(per_seed)).sum())
             if n == 0:
                 return "-"
             return f"{np.nanmean(per_seed):.3g}" + (f" ({n} of {len(per_seed)} seeds)" if n < len(per_seed) else "")
@@ -274,9 +270,9 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
             print(f"\nPaired difference arm - {label(ref)}, per seed (the same seeds):\n")
             print("| arm | per seed | mean | 95% bootstrap CI |")
         print("|---|---|---|---|")
+        budget = {arm: {seed: rows[-1]["step"] for seed, rows in seeds.items()} for arm, seeds in runs.items()}
         for x, y in pairs:
-            last = lambda arm, seed: runs[arm][seed][-1]["step"]  # noqa: E731
-            common = [s for s in sorted(set(score[x]) & set(score[y])) if last(x, s) == last(y, s)]  # same budget
+            common = [s for s in sorted(set(score[x]) & set(score[y])) if budget[x][s] == budget[y][s]]
             if not common:
                 continue
             d = np.array([score[x][s] - score[y][s] for s in common])

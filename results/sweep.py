@@ -364,10 +364,10 @@ def _execute(spec: dict, wt: Path, run_dir: Path, log: Path, commit: str, lock) 
         rc = proc.wait()
     seconds = time.time() - t0
     summary = read_json(summary_path)
-    if rc == 0 and summary is not None and summary.get("total_steps", 0) < spec["total_steps"]:
-        return result(spec, "failed", error=f"adept.py ended, but {summary_path} is of {summary.get('total_steps')} "
-                      f"steps, not {spec['total_steps']}")
     if rc == 0 and summary is not None:
+        if summary.get("total_steps", 0) < spec["total_steps"]:
+            return result(spec, "failed", error=f"adept.py ended, but {summary_path} is of "
+                          f"{summary.get('total_steps')} steps, not {spec['total_steps']}")
         write_json(summary_path, {**summary, "commit": commit})
         marker.unlink(missing_ok=True)
         return scored(spec, "finished", summary, resumed=resume, seconds=seconds)
