@@ -363,7 +363,7 @@ class Policy(Protocol):
     act(s, deterministic=False) -> a (B, A): the action taken in PE and in the simulator (deterministic: the mode).
     sample(s) -> (a (B, A), log pi(a|s) (B,)): a reparameterized draw and its log-density (SAC's losses, eps_pi).
     log_prob(s, a) -> log pi(a|s) (B,): the density at given actions, finite on the whole box, the bounds included
-    (-inf off the box for the densities that have no mass there: a Gaussian actor's samples can fall off it).
+    (pi_D's Beta gives -inf off the box, where it has no mass; the tanh actors clamp actions a hair inside it).
 
     Eq. 3's importance weights pi_phi/pi_D need log_prob of both policies: a deterministic actor (TD3, say) has no
     density, so it can serve ADEPT only with one added (a Gaussian around its action, for example)."""
@@ -424,8 +424,9 @@ class TanhGaussianActor(GaussianHead):
 
 class BetaActor(nn.Module):
     """pi(a|s) = 2 Beta(alpha(s), beta(s)) - 1, alpha, beta = 1 + softplus(.), a Policy: the fitted behavior density
-    pi_D. Unlike a Gaussian it puts all its mass on the action box, and it can be (nearly) uniform, as random data's
-    actions are; alpha, beta >= 1 keep it unimodal and its density finite on the closed box."""
+    pi_D. Unlike a Gaussian it puts all its mass on the action box, and it can be nearly uniform, as random data's
+    actions are; alpha, beta > 1 keep it unimodal, and at a bound its density falls to 0 only as a power,
+    (1 - |a|)^(alpha - 1), near 1 while alpha is near 1 (log_prob is read 1e-6 inside the bounds)."""
 
     def __init__(self, s_dim: int, a_dim: int, hidden: int):
         super().__init__()
@@ -723,7 +724,8 @@ class WorldModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, s, a) -> torch.Tensor:
-        """s' ~ P_theta(.|s, a) by K guided denoising steps (Eq. 1-2). (B, S), (B, A) -> (B, S), in the data's range."""
+        """s' ~ P_theta(.|s, a) by K guided denoising steps (Eq. 1-2). (B, S), (B, A) -> (B, S), in the data's range
+        (unless --no-clip)."""
         return self.sample_n(s, a)[0]
 
     @torch.no_grad()
@@ -878,9 +880,12 @@ def importance_weights(log_pi: torch.Tensor, log_pi_D: torch.Tensor, max_weight:
         w = torch.softmax(log_w, 0) * len(log_w)
     else:
         w = log_w.clamp(max=50.0).exp()
-    # Weights below 1e-8 change the loss by less than 1e-8 of its value, but as subnormal floats (a narrow policy
-    # gives many weights near 1e-40) they made the backward pass 2.5x slower on CPU: set them to exactly 0.
-    return torch.where(w < 1e-8, 0.0, w.clamp(max=max_weight))
+    w = w.clamp(max=max_weight)
+    # Weights below 1e-8 of the largest (below 1e-8 when self-normalized: their mean is 1) change the loss by less
+    # than 1e-8 of its value, but as subnormal floats (a narrow policy gives many weights near 1e-40) they made the
+    # backward pass 2.5-4x slower on CPU: set them to exactly 0.
+    floor = 1e-8 if self_normalize else 1e-8 * w.max()
+    return torch.where(w < floor, 0.0, w)
 
 
 def effective_sample_size(w: torch.Tensor) -> torch.Tensor:
@@ -1038,7 +1043,7 @@ class Run:
         if self.wm is not None:
             sd.update(wm=self.wm.state_dict(), wm_opt=self.wm_opt.state_dict(), pi_D=self.pi_D.state_dict(),
                       D_hat=self.D_hat.state_dict(), iwu_rng=self.iwu_generator.get_state(),
-                      uncertainty_rng=self.uncertainty_generator.get_state())
+                      uncertainty_rng=self.uncertainty_generator.get_state(), rng_device=self.device.type)
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -1054,9 +1059,14 @@ class Run:
             self.wm_opt.load_state_dict(sd["wm_opt"])
             self.pi_D.load_state_dict(sd["pi_D"])
             self.D_hat.load_state_dict(sd["D_hat"])
-            self.iwu_generator.set_state(sd["iwu_rng"])
-            if "uncertainty_rng" in sd:  # checkpoints of earlier versions drew no extra samples
-                self.uncertainty_generator.set_state(sd["uncertainty_rng"])
+            if sd.get("rng_device", self.device.type) == self.device.type:
+                self.iwu_generator.set_state(sd["iwu_rng"])
+                if "uncertainty_rng" in sd:  # checkpoints of earlier versions drew no extra samples
+                    self.uncertainty_generator.set_state(sd["uncertainty_rng"])
+            else:  # a run moved between a GPU and the CPU: a generator's state does not transfer between devices
+                print(f"--resume: the checkpoint was written on {sd['rng_device']}; the IWU's and PE's extra-sample "
+                      f"random streams start over from their seeds on {self.device.type}: the run goes on, though "
+                      "not exactly as it would have there")
             self.D.data["log_pi_D"] = log_density(self.pi_D, self.D)
         set_rng_state(sd["rng"])
 

@@ -425,6 +425,25 @@ def test_wall_time_continues_across_a_resume(tmp_path, data):
     assert walls[1] < 1000 < walls[2] <= s["wall_seconds"] < 1000 + 300
 
 
+def test_resume_on_another_device_goes_on(tmp_path, data, capsys):
+    """A checkpoint written on a GPU holds CUDA generator states (16 bytes), which a CPU generator refuses, and the
+    reverse: resumed on the other device, the IWU's and PE's extra-sample streams start over from their seeds, and
+    the run goes on."""
+    adept.main(tiny(tmp_path, total_steps=20))
+    path = tmp_path / "hopper-random-adept-sac-s0/checkpoint.pt"
+    ck = load(path)
+    here = ck["rng_device"]
+    assert here == ("cuda" if CUDA else "cpu")
+    other, state = ("cuda", torch.zeros(16, dtype=torch.uint8)) if here == "cpu" else ("cpu", torch.get_rng_state())
+    ck.update(rng_device=other, iwu_rng=state, uncertainty_rng=state)
+    torch.save(ck, path)
+    if here == "cpu":
+        with pytest.raises(RuntimeError):  # what set_state does with a CUDA generator's state
+            torch.Generator("cpu").set_state(state)
+    s = adept.main(tiny(tmp_path, total_steps=40, resume=True))
+    assert s["counts"]["policy_updates"] == 40 and f"written on {other}" in capsys.readouterr().out
+
+
 def test_resume_refuses_a_changed_dataset(tmp_path, data):
     """D is normalized with statistics recomputed at the resume: a checkpoint made on other data is refused."""
     adept.main(tiny(tmp_path, total_steps=20, world_model=False))
@@ -589,6 +608,10 @@ def test_importance_weights():
         narrow.net[-1].weight.zero_(), narrow.net[-1].bias.copy_(torch.tensor([3.0, 3.0, -5.0, -5.0]))
     w = _weights(narrow, pi_D, s, a, max_weight=1e9)
     assert (w == 0).any() and ((w == 0) | (w >= 1e-8)).all() and w.sum() > 0
+    # raw ratios all far below 1 keep their relative sizes: the floor is 1e-8 of the largest, not an absolute 1e-8
+    log_pi = torch.tensor([-30.0, -31.0, -60.0])
+    raw = adept.importance_weights(log_pi, torch.zeros(3), self_normalize=False)
+    assert torch.allclose(raw[:2], log_pi[:2].exp(), rtol=1e-5, atol=0.0) and raw[2] == 0.0
 
 
 def _mu_std(pi, s):
