@@ -3,6 +3,7 @@
 import ast
 import copy
 import csv
+import itertools
 import shutil
 import json
 import math
@@ -129,7 +130,7 @@ def test_bad_input_is_a_short_error_with_exit_code_2(argv, expect):
                                           ("is_batch_size", 0), ("horizon", 0), ("model_ratio", 1.5),
                                           ("gamma", 2.0), ("lr", 0.0)])
 def test_check_args_rejects_bad_budgets(field, value):
-    with pytest.raises(adept.UserError, match=field.replace("_", "-")):
+    with pytest.raises(adept.UserError, match=f"^--{field.replace('_', '-')} must"):
         adept.check_args(Args(**{field: value}))
 
 
@@ -279,20 +280,23 @@ def test_sac_target_and_losses():
 
 
 def test_agents_bootstrap_from_the_smaller_of_the_twin_target_critics(monkeypatch):
-    """Clipped double-Q: SAC's target and IQL's value target take min_j Q'_j, here 1 of the target heads 1 and 5."""
+    """Clipped double-Q: SAC's target and IQL's value target take min_j Q'_j, here 1 of the target heads 1 and 5,
+    whichever of the two heads says 1."""
     torch.manual_seed(0)
     b = _marked_buffer(64, 0.0).sample(32)
-    for name, fn, position in (("sac", "sac_target", 2), ("iql", "expectile_loss", 0)):  # q_next; q_t - V(s)
+    for (name, fn, position), (v1, v2) in itertools.product(
+            (("sac", "sac_target", 2), ("iql", "expectile_loss", 0)), ((1.0, 5.0), (5.0, 1.0))):  # q_next; q_t - V
         agent = adept.AGENTS[name](2, 1, Args(hidden=16), torch.device("cpu"))
         with torch.no_grad():
-            for head, value in ((agent.q_target.q1, 1.0), (agent.q_target.q2, 5.0)):
+            for head, value in ((agent.q_target.q1, v1), (agent.q_target.q2, v2)):
                 head[-1].weight.zero_(), head[-1].bias.fill_(value)
             if name == "iql":
                 agent.v[-1].weight.zero_(), agent.v[-1].bias.zero_()  # V = 0, so q_t - V is q_t
         seen, original = [], getattr(adept, fn)
         monkeypatch.setattr(adept, fn, lambda *a, original=original: seen.append(a[position]) or original(*a))
         agent.update(b)
-        assert torch.equal(seen[0], torch.ones(32)), name
+        assert torch.equal(seen[0], torch.ones(32)), (name, v1, v2)
+        monkeypatch.undo()
 
 
 def test_bc_log_likelihood_is_finite_at_the_action_bounds():
@@ -601,7 +605,12 @@ def test_importance_weights():
     assert torch.equal(w.argsort(), ratio.argsort())
     assert torch.allclose(w, ratio / ratio.mean(), rtol=1e-4)  # self-normalized: mean 1
     assert torch.allclose(_weights(pi, pi_D, s, a, 1e9, False), ratio, rtol=1e-4)  # --no-is-self-normalize
-    assert _weights(pi, pi_D, s, a, max_weight=2.0).max() <= 2.0
+    # truncation at --is-max-weight, after self-normalization (the rest keep their values)
+    log_pi = torch.zeros(64)
+    log_pi[:4] = 5.0
+    w_inf = adept.importance_weights(log_pi, torch.zeros(64), max_weight=math.inf)
+    assert (w_inf > 2).sum() == 4 and (w_inf < 2).sum() == 60
+    assert torch.equal(adept.importance_weights(log_pi, torch.zeros(64), max_weight=2.0), w_inf.clamp(max=2.0))
     # a narrow policy far from the data gives weights near 1e-40; below 1e-8 they are exactly 0 (no subnormals)
     narrow = adept.GaussianActor(3, 2, 16)
     with torch.no_grad():
@@ -653,6 +662,24 @@ def test_rollouts_have_the_right_shapes_respect_clipping_and_stop_at_terminals()
         head.bias.copy_(torch.tensor([0.0, 100.0]))  # terminal at once
     out = adept.rollout(wm, pi, s0, horizon=6)
     assert out["valid"][:, 0].all() and not out["valid"][:, 1:].any()
+    # actions from the policy at each step's own state; rewards from r_eta(s, a, s'), clipped to [-1, 2]
+    with torch.no_grad():
+        head.weight.normal_(), head.bias.copy_(torch.tensor([0.5, -100.0]))
+    out = adept.rollout(wm, pi, s0, horizon=6, deterministic=True)
+    flat = {k: out[k].reshape(32 * 6, -1) for k in ("s", "a", "s_next")}
+    with torch.no_grad():
+        assert torch.equal(flat["a"], pi.act(flat["s"], True))
+        r = wm.reward_terminal_logits(flat["s"], flat["a"], flat["s_next"])[0].clamp(-1.0, 2.0)
+    assert torch.allclose(out["r"].reshape(-1), r, atol=1e-6) and r.min() < r.max()
+    # a rollout that ends at step 1 stays ended, whatever the terminal head says after it
+    calls = []
+    def terminal_at_step_1(s, a, s_next):  # rows 0-15 end at step 1; nothing ends at any other step
+        calls.append(len(calls))
+        return torch.zeros(len(s)), torch.arange(len(s)).lt(16) & (len(calls) == 2)
+    wm.reward_terminal = terminal_at_step_1
+    out = adept.rollout(wm, pi, s0, horizon=6)
+    assert out["valid"][:16, :2].all() and not out["valid"][:16, 2:].any() and out["valid"][16:].all()
+    assert torch.equal(out["terminal"][:, 1], torch.arange(32).lt(16).float()) and not out["truncated"].any()
 
 
 def _marked_buffer(n: int, r: float, s_dim: int = 2, a_dim: int = 1) -> adept.Buffer:
@@ -1167,7 +1194,22 @@ def test_policy_shift_counts_actions_off_the_box_as_outside_pi_D():
     assert 0 <= adept.policy_shift(sac, adept.UniformPolicy(1), s).item() < 0.45
 
 
-def test_return_gap_diagnostics_weigh_the_errors_and_follow_eq_9():
+def test_policy_shift_is_the_total_variation_on_the_box():
+    """A uniform policy against pi_D = 2 Beta(2, 2) - 1, whose density is 3x(1 - x) at x = (a + 1)/2: eps_pi is
+    TV = integral of max(0, 1/2 - pi_D(a)) da over [-1, 1] (0.1925), estimated from 100k states."""
+    torch.manual_seed(0)
+    pi_D = adept.BetaActor(4, 1, 16)
+    with torch.no_grad():
+        pi_D.net[-1].weight.zero_(), pi_D.net[-1].bias.fill_(math.log(math.e - 1))  # 1 + softplus = 2
+    a = torch.linspace(-1, 1, 200_001, dtype=torch.float64)
+    x = (a + 1) / 2
+    tv = ((0.5 - 3 * x * (1 - x)).clamp(min=0).sum() * (a[1] - a[0])).item()
+    assert tv == pytest.approx(0.1925, abs=1e-3)
+    eps_pi = adept.policy_shift(adept.UniformPolicy(1), pi_D, torch.randn(100_000, 4)).item()
+    assert eps_pi == pytest.approx(tv, abs=0.005)
+
+
+def test_return_gap_diagnostics_weigh_the_errors_and_follow_eq_9(monkeypatch):
     """A model whose next state and reward are clipped to one point (c, r_c) has known errors on any batch; with
     log pi_D set so that half the rows have ratio 3 and half 1, eps_m and eps_r are those errors weighted 3:1, and
     pi = pi_D (both uniform) makes eps_pi exactly 0, so that Eq. 9's bound is C = 2 r_max (eps_r/(1 - gamma)
@@ -1189,6 +1231,11 @@ def test_return_gap_diagnostics_weigh_the_errors_and_follow_eq_9():
     assert out["eps_pi"] == 0.0
     C = 2 * r_max * (eps_r / (1 - gamma) + gamma * eps_m / (1 - gamma) ** 2)
     assert out["return_gap_bound"] == pytest.approx(C.item(), rel=1e-5)
+    # a policy shift of 0.25 enters twice, as Eq. 9 has it: 2 eps_pi beside eps_r and beside eps_m
+    monkeypatch.setattr(adept, "policy_shift", lambda *a: torch.tensor(0.25))
+    out = adept.return_gap_diagnostics(wm, pi, pi, b, gamma, r_max, max_weight=1e9, self_normalize=True)
+    C = 2 * r_max * ((eps_r + 0.5) / (1 - gamma) + gamma * (0.5 + eps_m) / (1 - gamma) ** 2)
+    assert out["eps_pi"] == 0.25 and out["return_gap_bound"] == pytest.approx(C.item(), rel=1e-5)
 
 
 def test_uniform_density_only_for_the_locally_built_random_data():
@@ -1240,6 +1287,7 @@ def test_arms_of_a_seed_are_paired(tmp_path, data):
             a, b = dict(_tensors(cks["adept"][part])), dict(_tensors(cks[name][part]))
             assert all(torch.equal(a[k], b[k]) for k in a), (name, part)
         assert cks[name]["history"][0]["eps_pi"] == cks["adept"]["history"][0]["eps_pi"]  # paired diagnostics
+    assert cks["control"]["history"][0]["is_ess"] == 1.0 > cks["adept"]["history"][0]["is_ess"]  # w = 1 vs Eq. 3
     w = {n: ck["wm"]["noise_net.0.weight"] for n, ck in cks.items()}
     assert not torch.equal(w["adept"], w["control"]) and not torch.equal(w["adept"], w["diff"])
     assert not torch.equal(w["control"], w["diff"])
@@ -1263,33 +1311,44 @@ def test_resampling_iwu_lr_and_run_names(tmp_path, data):
 
 def test_simulator_check_measures_the_policy_evaluation_error(data):
     """sim_return_error_h = mean |model H-step return - simulator H-step return|: with a reward model that always
-    says r_hi, the model's return is H r_hi, and the simulator's is what stepping it with the policy gives."""
+    says r_hi, the model's return is H r_hi, and the simulator's is what stepping it with the policy gives. With
+    next states clipped to one point c, the state errors are the RMSE of c against the simulator's normalized
+    states after 1 step (all start states) and after H (those whose episode lasts H steps)."""
     d, _ = data
     torch.manual_seed(0)
     norm = adept.Normalizer(d["s"].mean(0), d["s"].std(0))
     D = adept.dataset_buffer(d, norm, torch.device("cpu"))
     wm = adept.WorldModel(11, 3, hidden=16)
-    wm.set_ranges(D.data["s_next"], D.data["r"])
+    c = D.data["s_next"][:1]
+    wm.set_ranges(c, D.data["r"])
     with torch.no_grad():
         wm.reward_net[-1].weight.zero_(), wm.reward_net[-1].bias.copy_(torch.tensor([100.0, -100.0]))
     pi, env, H = adept.TanhGaussianActor(11, 3, 16), gym.make("Hopper-v5"), 5
     obs = d["s"][np.abs(d["s"][:, 5:]).max(1) < 9.9][:40]
     out = adept.simulator_errors(wm, pi, norm, env, obs, H, clips_velocity=True)
-    errors = []
+    errors, first, last, first_r = [], [], [], []
+    sq = lambda o: ((c[0] - norm(torch.as_tensor(o, dtype=torch.float32)[None])[0]) ** 2).mean().item()
     for o in obs:
         env.reset(seed=0)
         env.unwrapped.set_state(np.concatenate([[0.0], o[:5]]), o[5:])
         ret, alive = 0.0, True
-        for _ in range(H):
+        for t in range(H):
             a = pi.act(norm(torch.as_tensor(o, dtype=torch.float32)[None]), True)[0].detach().numpy()
             o, r, terminated, _, _ = env.step(a)
             ret += r
+            if t == 0:
+                first.append(sq(o)), first_r.append(r)
             if terminated:
                 alive = False
                 break
         if alive:
-            errors.append(abs(H * wm.r_hi.item() - ret))
-    assert errors and out["sim_return_error_h"] == pytest.approx(np.mean(errors), rel=1e-4)
+            errors.append(abs(H * wm.r_hi.item() - ret)), last.append(sq(o))
+    assert 0 < len(errors) < len(obs)  # some episodes end early: the H-step errors leave them out
+    assert out["sim_return_error_h"] == pytest.approx(np.mean(errors), rel=1e-4)
+    assert out["sim_state_error"] == pytest.approx(np.sqrt(np.mean(first)), rel=1e-4)
+    assert out["sim_state_error_h"] == pytest.approx(np.sqrt(np.mean(last)), rel=1e-4)
+    assert out["sim_reward_error"] == pytest.approx(np.sqrt(np.mean((wm.r_hi.item() - np.array(first_r)) ** 2)),
+                                                    rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1392,7 +1451,16 @@ MEDIUM = dict(medium_return=-1e6, online_eval_every=100, online_steps_cap=1000, 
 
 def test_medium_replay_holds_the_learners_transitions_and_medium_comes_from_its_policy(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    acted, act = [], adept.TanhGaussianActor.act
+
+    def recording_act(self, s, deterministic=False):  # the learner's stochastic actions, as it takes them
+        out = act(self, s, deterministic)
+        if not deterministic:
+            acted.append(out.cpu().numpy())
+        return out
+    monkeypatch.setattr(adept.TanhGaussianActor, "act", recording_act)
     replay, refs = adept.load_transitions(Args(dataset="medium-replay", **MEDIUM))
+    monkeypatch.setattr(adept.TanhGaussianActor, "act", act)
     assert refs["source"] == "dataset metadata" and refs["random"] == -20.272305
     learner = tmp_path / "adept/hopper/.medium-learner-return-1000000-eval100"
     with np.load(learner / "replay.npz") as z:  # what the learner collected until it stopped, in order
@@ -1410,8 +1478,9 @@ def test_medium_replay_holds_the_learners_transitions_and_medium_comes_from_its_
     assert recipe["environment_steps"] == 100 and recipe["warmup_random_steps"] == 50
     assert recipe["dataset"] == "medium-replay" and recipe["medium_return"] == -1e6
     assert recipe["reached_return"] == recipe["evaluations"][-1][1]
-    # the learner's actions after the warm-up are its own, not uniform: they are exactly tanh-squashed samples
-    assert np.abs(replay["a"][50:]).max() < 1 and replay["a"].shape == (100, 3)
+    # the learner's actions after the warm-up are its own policy's samples, in order, not uniform ones
+    assert replay["a"].shape == (100, 3) and len(acted) == 50
+    np.testing.assert_array_equal(np.concatenate(acted), replay["a"][50:])
 
     medium, _ = adept.load_transitions(Args(dataset="medium", dataset_size=300, **MEDIUM))
     policy_file = load(tmp_path / "adept/hopper/medium-policy-return-1000000-eval100.pt")

@@ -133,6 +133,13 @@ def test_a_tiny_grid_finishes_on_local_ray_with_the_commit_in_every_summary(repo
             "repo": str(repo), "argv": [], "total_steps": 100, "env": {}, "gpus": 0}
     before = (task / names[0] / "summary.json").read_text()
     assert sweep_module.execute(spec)["status"] == "skipped"
+    # a cluster worker, whose clone lacks the driver's worktree metadata, uses the shared code as it is; the driver
+    # remakes a worktree that git cannot read
+    wt, dot_git = out / ".code" / commit, out / ".code" / commit / ".git"
+    dot_git.write_text("gitdir: /nonexistent/.git/worktrees/x\n")
+    assert sweep_module.execute(spec)["status"] == "skipped"
+    assert dot_git.read_text().startswith("gitdir: /nonexistent") and (wt / "adept.py").is_file()  # left alone
+    assert sweep_module.worktree(repo, commit, wt) == wt and sweep_module.git(wt, "rev-parse", "HEAD") == commit
     subprocess.run([*GIT, "-C", str(repo), "commit", "-q", "--allow-empty", "-m", "another"], check=True)
     other = head(repo)
     res = sweep_module.execute({**spec, "commit": other, "worktree": str(out / ".code" / other)})
@@ -210,6 +217,11 @@ def test_failing_runs_are_reported_while_the_others_finish(repo, tmp_path):
     assert json.loads((task / "hopper-random-sac-s0" / "summary.json").read_text())["commit"] == head(repo)
     assert not (task / "hopper-random-adept-sac-iwulr-1-s0").exists()  # a run that could not start leaves no folder
     assert "--iwu-lr must be positive" in (task / "hopper-random-adept-sac-iwulr-1-s0.log").read_text()
+    for bad, message in ((("--commit", "no-such-rev"), "error: --commit no-such-rev: no such commit in"),
+                         (("--cpus-per-run", "64"), "error: --cpus-per-run 64 but Ray has 2 CPUs")):
+        r = run_sweep(repo, out, "--arms", "alone", "--seeds", "0", "--total-steps", "50", *BUDGETS, *bad)
+        assert r.returncode == 2 and message in r.stderr, bad  # a bad command line: exit code 2, no traceback
+        assert "Traceback" not in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,6 +300,9 @@ def test_report_aggregates_the_tasks_of_a_budget_against_any_reference(tmp_path,
     d = truth["adept-sac"][:, 0] - truth["sac"][:, 0]
     assert "Paired difference arm - SAC, per seed" in text
     assert f"| ADEPT-SAC | {', '.join(f'{v:+.1f}' for v in d)} | {d.mean():+.1f} |" in text
+    write_run(tmp_path / "elsewhere" / "hopper-random", "sac", 0, [1.0, 2.0, 3.0])  # another grid's task of one name
+    with pytest.raises(SystemExit, match=r"name one task twice \(hopper-random\)"):
+        report.aggregates([folders[0], tmp_path / "elsewhere" / "hopper-random"], reps=10, pair_reps=10)
 
 
 def test_report_ablation_shows_the_uncertainty_where_runs_measured_it(tmp_path, capsys):
@@ -319,6 +334,7 @@ def test_report_scores_each_run_at_the_budget_it_finished(tmp_path, capsys):
     write_run(folder, "sac", 1, [5.0, 5.0, 5.0])  # finished 300: no pair with a seed 1 at 200
     write_run(folder, "adept-sac", 0, [3.0, 5.0, 90.0, 90.0])  # metrics to 400, summary at 200
     write_run(folder, "adept-sac", 1, [6.0, 6.0])
+    write_run(folder, "diff-sac", 0, [7.0, 7.0, 7.0])  # finished 300: no seed to pair with ADEPT-SAC's at 200
     for seed, errors in ((0, [0.5, 0.7, 9.0, 9.0]), (1, None)):  # seed 1 did not measure the return error
         run = folder / f"hopper-random-adept-sac-s{seed}"
         rows = list(csv.DictReader(open(run / "metrics.csv")))
@@ -332,7 +348,8 @@ def test_report_scores_each_run_at_the_budget_it_finished(tmp_path, capsys):
     assert "| ADEPT-SAC | 2 | 200 | 5.0 +- 1.0 |" in text  # (3 + 5)/2 = 4 and 6: the rows after 200 left out
     assert "| 0.6 (1 of 2 seeds) |" in text
     assert "| SAC | 2 | 200-300 |" in text
-    assert "| SAC | +2.5 | +2.5 |" in text  # seed 0 alone: 4 - 1.5; seed 1's runs ended at other budgets
+    assert "| SAC | +2.5 (seeds 0) | +2.5 |" in text  # seed 0 alone: 4 - 1.5; seed 1's runs ended at other budgets
+    assert "(not paired: Diff+SAC: no seed at the same budget in both arms)" in text
     report.milestones(folder, [200], None)
     text = capsys.readouterr().out
     assert "| adept-sac-s0 | running | 400 |" in text and "| sac-s0 | yes | 200 |" in text

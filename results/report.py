@@ -261,24 +261,30 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
     except SystemExit as e:  # not in this folder
         print(f"\n(no paired differences: {str(e).removeprefix('error: ')})")
         pairs = []
-    if pairs:
+    budget = {arm: {seed: rows[-1]["step"] for seed, rows in seeds.items()} for arm, seeds in runs.items()}
+    lines, unpaired = [], []
+    for x, y in pairs:
+        common = [s for s in sorted(set(score[x]) & set(score[y])) if budget[x][s] == budget[y][s]]
+        if not common:
+            unpaired.append(label(y if reference is None else x))
+            continue
+        d = np.array([score[x][s] - score[y][s] for s in common])
+        lo, hi = bootstrap_ci(d)
+        some = (f" (seeds {', '.join(map(str, common))})"  # not every seed of the two arms
+                if len(common) < max(len(score[x]), len(score[y])) else "")
+        lines.append(f"| {label(y if reference is None else x)} | {', '.join(f'{v:+.1f}' for v in d)}{some} | "
+                     f"{d.mean():+.1f} | [{lo:+.1f}, {hi:+.1f}] |")
+    if lines:
         if reference is None:
             print("\nPaired difference ADEPT-SAC - control, per seed (the same seeds):\n")
             print("| control | per seed | mean | 95% bootstrap CI |")
         else:
-            ref = pairs[0][1]
-            print(f"\nPaired difference arm - {label(ref)}, per seed (the same seeds):\n")
+            print(f"\nPaired difference arm - {label(pairs[0][1])}, per seed (the same seeds):\n")
             print("| arm | per seed | mean | 95% bootstrap CI |")
         print("|---|---|---|---|")
-        budget = {arm: {seed: rows[-1]["step"] for seed, rows in seeds.items()} for arm, seeds in runs.items()}
-        for x, y in pairs:
-            common = [s for s in sorted(set(score[x]) & set(score[y])) if budget[x][s] == budget[y][s]]
-            if not common:
-                continue
-            d = np.array([score[x][s] - score[y][s] for s in common])
-            lo, hi = bootstrap_ci(d)
-            print(f"| {label(y if reference is None else x)} | {', '.join(f'{v:+.1f}' for v in d)} | {d.mean():+.1f} | "
-                  f"[{lo:+.1f}, {hi:+.1f}] |")
+        print("\n".join(lines))
+    if unpaired:
+        print(f"\n(not paired: {', '.join(unpaired)}: no seed at the same budget in both arms)")
     if png:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
         for i, arm in enumerate(arms):  # one color per arm in both panels, though SAC has no model error
@@ -343,6 +349,10 @@ def interval(func, *arrays: np.ndarray, reps: int, seed: int = 0) -> tuple[float
 
 def budgets(folders: list[Path]) -> dict:
     """budget (policy steps of the runs) -> task (folder name) -> arm -> seed -> score"""
+    names = [folder.name for folder in folders]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # a folder is one task: two folders of one name would mix their runs
+        raise SystemExit(f"error: the folders name one task twice ({', '.join(twice)}): report them one at a time")
     out = defaultdict(lambda: defaultdict(dict))
     for folder in folders:
         for arm, seeds in load_runs(folder).items():

@@ -41,17 +41,18 @@ Output: one line per finished, skipped or failed run (its name, score: the mean 
 evaluations, and wall time; or the last lines of its log), then a count of each. Exit code 1 if any run failed
 (2 for a bad command line), 130 if interrupted.
 
-Resources. Each run asks Ray for --cpus-per-run CPUs (default 1; adept.py uses --threads 1 unless the flags after `--`
-say otherwise) and --gpus-per-run GPUs (default 0: the run sees no GPU and runs on the CPU; with CUDA, a fraction such
-as 0.25 lets 4 runs share one GPU). By default Ray starts here, on this machine's cores (--num-cpus), bound to the
-loopback address (127.0.0.1) only, with no dashboard and no usage reporting: Ray 2.60 on Linux maps a loopback node
-address to the machine's outward one unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which the sweep sets for its own
-local instance (then every Ray process listens on 127.0.0.1 alone, checked with `ss -ltnp`).
+Resources. Each run asks Ray for --cpus-per-run CPUs (default 1; the sweep sets no thread count: adept.py's default is
+--threads 1 since commit 444dca6, so with --cpus-per-run 2 pass `-- --threads 2`) and --gpus-per-run GPUs (default 0:
+the run sees no GPU and runs on the CPU; with CUDA, a fraction such as 0.25 lets 4 runs share one GPU). By default Ray
+starts here, on this machine's cores (--num-cpus), bound to the loopback address (127.0.0.1) only, with no dashboard
+and no usage reporting: Ray 2.60 on Linux maps a loopback node address to the machine's outward one unless
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which the sweep sets for its own local instance (then every Ray process listens
+on 127.0.0.1 alone, checked with `ss -ltnp`).
 
 A cluster (--address HOST:PORT of a running Ray head, or `auto`) needs:
   - the same Python environment (requirements.txt) on every worker;
-  - the repository at the same path on every worker (a worker without the worktree makes it from there), or the
-    output folder, which holds the worktree in .code/, on a shared filesystem;
+  - the repository on the driver: it makes the commit's worktree in the output folder (.code/), and every worker's
+    runs use that copy, as the driver checked it;
   - a filesystem shared by the driver and the workers for the output folder (runs, logs, and the caches
     world_models/ and behavior_policies/), and for the Minari store (MINARI_DATASETS_PATH, passed on to the runs
     with the driver's other MINARI_*, HF_*, MUJOCO_* and ADEPT_* variables), so that a run resumed on another worker
@@ -196,7 +197,10 @@ def git(repo: Path, *args: str) -> str:
 
 
 def resolve_commit(repo: Path, revision: str) -> str:
-    return git(repo, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")
+    try:
+        return git(repo, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")
+    except RuntimeError:
+        raise ValueError(f"--commit {revision}: no such commit in {repo}") from None
 
 
 @contextlib.contextmanager
@@ -212,15 +216,22 @@ def locked(path: Path, wait: bool = True):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def worktree(repo: Path, commit: str, path: Path) -> Path:
+def worktree(repo: Path, commit: str, path: Path, remake: bool = True) -> Path:
     """A git worktree of `commit` at `path`, made (git worktree add --detach) or reused; one process makes it while
-    others wait."""
+    others wait. The driver (remake=True) checks it with git, and remakes one that git cannot read here (made from a
+    clone that is gone: a new checkout). A run's task (remake=False) uses one that git cannot read as it is: on a
+    cluster worker the worktree, in the shared output folder, belongs to the driver's clone, and the driver checked
+    it before any run started (remaking it there would delete the code under the runs of other workers)."""
     with locked(path.parent / f"{path.name}.lock"):
         if path.exists():
             try:
                 head = git(path, "rev-parse", "HEAD")
-            except RuntimeError:  # made from a clone that is gone (a new checkout): the sweep's own copy, so remake it
-                shutil.rmtree(path)
+            except RuntimeError:
+                if not remake:
+                    if not (path / "adept.py").is_file():
+                        raise RuntimeError(f"{path} holds no adept.py, and git cannot read it here") from None
+                    return path
+                shutil.rmtree(path)  # the sweep's own copy of the commit's code
                 git(repo, "worktree", "prune")
             else:
                 if head != commit:
@@ -293,7 +304,7 @@ def execute(spec: dict) -> dict:
     run_dir, task_dir, commit = Path(spec["run_dir"]), Path(spec["task_dir"]), spec["commit"]
     log = Path(spec["log"])
     try:
-        wt = worktree(Path(spec["repo"]), commit, Path(spec["worktree"]))  # a worker that lacks it makes it
+        wt = worktree(Path(spec["repo"]), commit, Path(spec["worktree"]), remake=False)  # the driver made it
         with locked(task_dir / f"{spec['name']}.lock", wait=False) as lock:
             return _execute(spec, wt, run_dir, log, commit, lock)
     except BlockingIOError:
@@ -406,9 +417,9 @@ def start_ray(opts: argparse.Namespace):
     resources = ray.cluster_resources()
     print(f"sweep: {where}, {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
     if resources.get("CPU", 0) < opts.cpus_per_run:
-        raise SystemExit(f"error: --cpus-per-run {opts.cpus_per_run:g} but Ray has {resources.get('CPU', 0):g} CPUs")
+        raise ValueError(f"--cpus-per-run {opts.cpus_per_run:g} but Ray has {resources.get('CPU', 0):g} CPUs")
     if resources.get("GPU", 0) < opts.gpus_per_run:
-        raise SystemExit(f"error: --gpus-per-run {opts.gpus_per_run:g} but Ray has {resources.get('GPU', 0):g} GPUs")
+        raise ValueError(f"--gpus-per-run {opts.gpus_per_run:g} but Ray has {resources.get('GPU', 0):g} GPUs")
     if __name__ != "__main__":  # Ray pickles a function of an imported module by reference: send this one whole
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     return ray
@@ -444,13 +455,13 @@ def main(argv: list[str] | None = None) -> int:
         repo = Path(git(opts.repo, "rev-parse", "--show-toplevel"))
         commit = resolve_commit(repo, opts.commit)
         wt = worktree(repo, commit, out / ".code" / commit)
+        names = run_names(wt, [r["argv"] for r in runs])
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if subprocess.run(["git", "-C", str(repo), "diff", "--quiet", commit, "--", "adept.py"]).returncode:
         print(f"sweep: note: the working tree's adept.py differs from commit {commit[:10]}; the runs run the "
               "commit's", flush=True)
-    names = run_names(wt, [r["argv"] for r in runs])
     env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
     specs, failed, seen = [], [], {}
     for r, named in zip(runs, names):
@@ -486,7 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     ray = None
     try:
         if specs:
-            ray = start_ray(opts)
+            try:
+                ray = start_ray(opts)
+            except ValueError as e:  # Ray has fewer CPUs or GPUs than one run asks for
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             task = ray.remote(execute).options(num_cpus=opts.cpus_per_run, num_gpus=opts.gpus_per_run,
                                                max_retries=opts.max_retries)
             pending = {task.remote(s): s for s in specs}
@@ -496,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     r = ray.get(ready[0])
                 except Exception as e:  # noqa: BLE001 - the worker died more often than --max-retries allows
-                    r = result(s, "failed", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0]}")
+                    r = result(s, "failed", error=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
                 done.append(r)
                 print(progress(len(done), n, r), flush=True)
     except KeyboardInterrupt:
