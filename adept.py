@@ -241,6 +241,8 @@ def check_args(args: Args) -> None:
         value = getattr(args, f.name)
         if f.type in ("int", int) and f.name not in ("seed", "threads", "is_resample_pool") and value <= 0:
             raise UserError(f"--{f.name.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= args.seed < 2**32:  # numpy's seeds
+        raise UserError(f"--seed must lie in [0, 2^32), got {args.seed}")
     if args.uncertainty_samples == 1 and (args.uncertainty_penalty or args.uncertainty_threshold is not None):
         raise UserError("--uncertainty-penalty and --uncertainty-threshold need --uncertainty-samples N > 1: u(s, a) "
                         "is the spread of N model samples")
@@ -1081,6 +1083,9 @@ def main(args: Args) -> dict:
     if not args.resume and (run_dir / "checkpoint.pt").exists():  # never train over a run's results unasked
         raise UserError(f"{run_dir} already holds a run: --resume continues it (or, finished, does nothing), "
                         "--run-name names a new one, or delete the folder to start it over")
+    if not args.resume and any((run_dir / f).exists() for f in ("metrics.csv", "summary.json")):
+        raise UserError(f"{run_dir} holds a run's results but no checkpoint to continue: --run-name names a new run, "
+                        "or delete the folder to start it over")
     ck = read_checkpoint(run_dir / "checkpoint.pt", args) if args.resume else None  # refuses other settings
     print(f"device: {device} | run folder: {run_dir}", flush=True)
 
@@ -1468,6 +1473,7 @@ def into_store(ds_id: str, make: Callable[[], object]) -> None:
                 (store / ns).mkdir(parents=True, exist_ok=True)
                 os.replace(meta, store / ns / meta.name)
         (store / ds_id).parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(store / ds_id, ignore_errors=True)  # what a killed rebuild left (it had no data/: we build)
         os.rename(tmp / ds_id, store / ds_id)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1689,7 +1695,10 @@ def read_dataset(ds_id: str, path: Path) -> tuple[dict[str, np.ndarray], dict]:
         except Exception as e:  # a damaged copy: Minari's files are the record, so the copy is rebuilt from them
             print(f"{flat} is unreadable ({type(e).__name__}); rebuilding it from the Minari dataset", flush=True)
     data = flatten(ds.iterate_episodes())
-    atomic_write(flat, lambda f: np.savez(f, stamp=stamp, **data))
+    try:
+        atomic_write(flat, lambda f: np.savez(f, stamp=stamp, **data))
+    except OSError as e:  # a full disk, a read-only store: the dataset is fine, the next run reads Minari's files
+        print(f"could not write the flat copy {flat} ({type(e).__name__}: {e}); going on without it", flush=True)
     return data, ds.storage.metadata
 
 
@@ -1721,6 +1730,8 @@ def load_transitions(args: Args) -> tuple[dict[str, np.ndarray], dict]:
             try:
                 data, meta = read_dataset(ds_id, path)
                 break
+            except MemoryError:  # not the dataset's fault: never delete it for this
+                raise
             except Exception as e:
                 problem = f"dataset {ds_id} at {path} is unreadable ({type(e).__name__}: {e})"
                 if not local or attempt == 2:
@@ -1730,6 +1741,13 @@ def load_transitions(args: Args) -> tuple[dict[str, np.ndarray], dict]:
                 shutil.rmtree(path)
     if not len(data["s"]):
         raise UserError(f"dataset {ds_id} at {path} holds no transitions")
+    spec = meta.get("env_spec")  # halfcheetah's and walker2d's spaces have one shape: compare the simulators too
+    try:
+        spec_id = json.loads(spec).get("id") if isinstance(spec, str) else getattr(spec, "id", None)
+    except ValueError:
+        spec_id = None
+    if spec_id and spec_id.split("-v")[0] != ENVS[args.env].gym_id.split("-v")[0]:
+        raise UserError(f"dataset {ds_id} was collected in {spec_id}, but --env {args.env} is {ENVS[args.env].gym_id}")
     sim = gym.make(ENVS[args.env].gym_id)
     if data["s"].shape[1:] != sim.observation_space.shape or data["a"].shape[1:] != sim.action_space.shape:
         raise UserError(f"dataset {ds_id} holds states {data['s'].shape[1:]} and actions {data['a'].shape[1:]}, "
@@ -2046,5 +2064,8 @@ if __name__ == "__main__":
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted; the checkpoint of the last evaluation is kept, continue with --resume", file=sys.stderr)
+        ck = Path(cli_args.output_dir) / run_name(cli_args) / "checkpoint.pt"
+        kept = "the checkpoint of the last evaluation is kept, continue with --resume"
+        print(f"\ninterrupted; {kept if ck.exists() else 'before the first checkpoint: the same command starts over'}",
+              file=sys.stderr)
         sys.exit(130)

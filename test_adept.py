@@ -128,7 +128,7 @@ def test_bad_input_is_a_short_error_with_exit_code_2(argv, expect):
 
 @pytest.mark.parametrize("field, value", [("total_steps", 0), ("batch_size", -1), ("eval_episodes", 0),
                                           ("is_batch_size", 0), ("horizon", 0), ("model_ratio", 1.5),
-                                          ("gamma", 2.0), ("lr", 0.0)])
+                                          ("gamma", 2.0), ("lr", 0.0), ("seed", -1)])
 def test_check_args_rejects_bad_budgets(field, value):
     with pytest.raises(adept.UserError, match=f"^--{field.replace('_', '-')} must"):
         adept.check_args(Args(**{field: value}))
@@ -147,6 +147,17 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path, data):
         adept.main(tiny(tmp_path, resume=True, world_model=False))
 
 
+def test_results_without_a_checkpoint_are_never_trained_over(tmp_path, data):
+    """A run folder as git keeps it (metrics.csv and summary.json; checkpoints are ignored): a new run refuses it."""
+    adept.main(tiny(tmp_path, total_steps=20, world_model=False))
+    run = tmp_path / "hopper-random-sac-s0"
+    (run / "checkpoint.pt").unlink()
+    before = {f: (run / f).read_bytes() for f in ("metrics.csv", "summary.json")}
+    with pytest.raises(adept.UserError, match="holds a run's results but no checkpoint"):
+        adept.main(tiny(tmp_path, total_steps=20, world_model=False))
+    assert {f: (run / f).read_bytes() for f in before} == before
+
+
 def test_a_corrupt_local_dataset_is_rebuilt(tmp_path, monkeypatch, capsys):
     """Local data is derived: a folder that cannot be read (a build cut short by an older version) is rebuilt."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
@@ -157,6 +168,30 @@ def test_a_corrupt_local_dataset_is_rebuilt(tmp_path, monkeypatch, capsys):
     assert "unreadable" in capsys.readouterr().out
     for k in first:
         np.testing.assert_array_equal(first[k], again[k])
+    # a rebuild killed while it deleted the corrupt folder: data/ gone, other files left; the next build replaces them
+    shutil.rmtree(tmp_path / "adept/hopper/random-200-v0/data")
+    assert (tmp_path / "adept/hopper/random-200-v0/transitions.npz").exists()
+    third, _ = adept.load_transitions(args)
+    np.testing.assert_array_equal(first["s"], third["s"])
+
+
+def test_a_flat_copy_that_cannot_be_written_leaves_the_dataset_alone(tmp_path, monkeypatch, capsys):
+    """A full disk while writing the flat copy is not a corrupt dataset: it loads, and nothing is deleted."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    args = Args(dataset_size=200)
+    first, _ = adept.load_transitions(args)
+    (tmp_path / "adept/hopper/random-200-v0/transitions.npz").unlink()
+    write = adept.atomic_write
+
+    def full_disk(path, f):
+        if path.name == "transitions.npz":
+            raise OSError(28, "No space left on device")
+        write(path, f)
+    monkeypatch.setattr(adept, "atomic_write", full_disk)
+    monkeypatch.setattr(adept, "collect", lambda *a, **k: pytest.fail("collected the dataset again"))
+    again, _ = adept.load_transitions(args)
+    assert "could not write the flat copy" in capsys.readouterr().out
+    np.testing.assert_array_equal(first["s"], again["s"])
 
 
 def test_a_corrupt_flat_copy_is_rebuilt_from_minari_without_collecting(tmp_path, monkeypatch, capsys):
@@ -937,15 +972,16 @@ def test_graphed_step_parts_equal_eager_ones(tmp_path, data, agent):
 # ---------------------------------------------------------------------------------------------------------------
 # Minari's official datasets: everything but the download
 # ---------------------------------------------------------------------------------------------------------------
-def make_official_dataset(ds_id: str, refs: tuple[float, float] | None, size: int = 300) -> None:
+def make_official_dataset(ds_id: str, refs: tuple[float, float] | None, size: int = 300, env: str = "hopper") -> None:
     """A dataset under an official Minari id in the current store, with the metadata Minari's official MuJoCo sets
     carry (algorithm, author, code link, eval env, requirements, and the reference scores unless refs is None)."""
-    episodes = adept.to_episodes(adept.collect("hopper", size, ds_id))
+    episodes = adept.to_episodes(adept.collect(env, size, ds_id))
     scores = {"ref_min_score": refs[0], "ref_max_score": refs[1]} if refs else {}
+    gym_id = adept.ENVS[env].gym_id
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         minari.create_dataset_from_buffers(
-            ds_id, episodes, env="Hopper-v5", eval_env="Hopper-v5", algorithm_name="SAC", author="Farama",
+            ds_id, episodes, env=gym_id, eval_env=gym_id, algorithm_name="SAC", author="Farama",
             author_email="contact@farama.org", description="a stand-in for Minari's official set",
             code_permalink="https://github.com/Farama-Foundation/minari-dataset-generation-scripts",
             requirements=["mujoco>=3.1.1"], data_format="hdf5", **scores)
@@ -959,6 +995,15 @@ def test_official_dataset_loads_end_to_end_with_its_reference_scores(tmp_path, m
     assert s["normalized_score"] == pytest.approx(100 * (s["return"] + 19.5) / (3100.0 + 19.5))
     assert s["counts"]["world_model_pretrain_steps"] == 50 and s["counts"]["iwu_updates"] == 20
     assert (tmp_path / "store/mujoco/hopper/medium-v0/transitions.npz").exists()
+
+
+def test_a_dataset_of_another_simulator_with_the_same_shapes_is_refused(tmp_path, monkeypatch):
+    """Walker2d's and HalfCheetah's states and actions have one shape (17, 6): the dataset's env spec tells them apart."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
+    make_official_dataset("mujoco/walker2d/medium-v0", refs=(0.0, 1.0), env="walker2d")
+    with pytest.raises(adept.UserError, match="collected in Walker2d-v5, but --env halfcheetah is HalfCheetah-v5"):
+        adept.load_transitions(Args(env="halfcheetah", dataset="mujoco/walker2d/medium-v0"))
+    assert len(adept.load_transitions(Args(env="walker2d", dataset="mujoco/walker2d/medium-v0"))[0]["s"]) == 300
 
 
 def test_official_dataset_without_reference_scores_falls_back_to_d4rl(tmp_path, monkeypatch):
