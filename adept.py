@@ -1330,10 +1330,10 @@ def evaluate_and_checkpoint(run: Run, step: int) -> None:
         row["is_ess"] = log.take_mean_ess()  # of the IWU batches since the last evaluation (none for Diff+)
         row.update(log.take_pe_window() if args.uncertainty_samples > 1 else {})
     log.record(row)
-    write_csv(run.dir / "metrics.csv", METRICS + DIAGNOSTICS + (UNCERTAINTY if args.uncertainty_samples > 1 else ()),
-              log.history)
     log.counts["checkpoints"] += 1
-    save_checkpoint(run.dir / "checkpoint.pt", step, run)
+    save_checkpoint(run.dir / "checkpoint.pt", step, run)  # first: killed before the next line, the run resumes
+    write_csv(run.dir / "metrics.csv", METRICS + DIAGNOSTICS + (UNCERTAINTY if args.uncertainty_samples > 1 else ()),
+              log.history)  # rewritten whole from the history, which the checkpoint holds
     log.progress.restart(step)  # keep evaluation time out of the windowed speed
 
 

@@ -440,6 +440,21 @@ def test_resume_continues_exactly(tmp_path, data, capsys):
     assert resumed["rollout_transitions_per_second"] > 0  # measured on this process's rollouts only
 
 
+def test_a_run_killed_between_checkpoint_and_metrics_resumes(tmp_path, data, monkeypatch):
+    """At an evaluation the checkpoint is written before metrics.csv: a run killed between the two at its first
+    evaluation resumes, rather than being refused as results without a checkpoint, and metrics.csv is whole after."""
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(adept, "write_csv", killed)
+    with pytest.raises(KeyboardInterrupt):
+        adept.main(tiny(tmp_path, total_steps=40, world_model=False))
+    run = tmp_path / "hopper-random-sac-s0"
+    assert (run / "checkpoint.pt").exists() and not (run / "metrics.csv").exists()
+    monkeypatch.undo()
+    adept.main(tiny(tmp_path, total_steps=40, world_model=False, resume=True))
+    assert [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [20, 40]
+
+
 def test_checkpoint_size_follows_the_rows_it_holds(tmp_path, data):
     """D_hat is saved as its filled rows: a buffer of 200k rows' capacity holding ~300 makes no larger a file."""
     sizes = {}
