@@ -387,6 +387,8 @@ def test_calibration_picks_the_best_score_among_the_lowest_return_errors(tmp_pat
     assert (pick["lam"], pick["thr"], pick["ret"]) == (5.0, None, pytest.approx(0.21))
     assert pick["score"] == pytest.approx((9 + 20 + 20) / 3)
     assert report.penalty_setting("hopper-random-adept-sac-samples5-upenalty10-uthreshold0.1-s10") == (10.0, 0.1)
+    assert report.penalty_setting("hopper-random-adept-sac-samples5-upenalty1e-05-s10") == (1e-05, None)  # :g's "-"
+    assert report.penalty_setting("hopper-random-adept-sac-samples5-uthreshold2-s10") == (0.0, 2.0)
     rows = report.read_csv(folder / "hopper-random-adept-sac-samples5-upenalty2-s10/metrics.csv")
     assert report.window_mean(rows, "normalized_score", 300) == pytest.approx((9 + 9 + 10) / 3)
     assert math.isnan(report.window_mean(rows, "normalized_score", 500))  # not reached

@@ -466,7 +466,7 @@ def short_name(run: str) -> str:
 def milestones(folder: Path, at: list[int], png: Path | None) -> None:
     runs = all_runs(folder)
     print(f"### {folder.name}: at each step, means over the last 3 evaluations up to it ('-': not reached)\n")
-    print("| run | finished | latest step | " + " | ".join(f"{name} @ {s // 1000}k" for s in at
+    print("| run | finished | latest step | " + " | ".join(f"{name} @ {s / 1000:g}k" for s in at
                                                         for _, name, _ in MILESTONE_KEYS) + " |")
     print("|---|---|---|" + "---|" * (len(at) * len(MILESTONE_KEYS)))
     for name, rows in runs.items():
@@ -492,18 +492,20 @@ def milestones(folder: Path, at: list[int], png: Path | None) -> None:
         save_figure(fig, png)
 
 
+NUMBER = r"\d[\d.]*(?:e[-+]\d+)?"  # a float as adept.py's run names write it (:g), 1e-05 included
+
+
 def penalty_setting(run: str) -> tuple[float, float | None]:
     """(lambda_u, threshold) from a run name's -upenalty<x> and -uthreshold<y> (0 and None where absent)."""
-    parts = run.split("-")
-    get = lambda prefix: next((float(p.removeprefix(prefix)) for p in parts if p.startswith(prefix)), None)
-    return get("upenalty") or 0.0, get("uthreshold")
+    penalty, threshold = (re.search(f"-{key}({NUMBER})-", run) for key in ("upenalty", "uthreshold"))
+    return float(penalty.group(1)) if penalty else 0.0, float(threshold.group(1)) if threshold else None
 
 
 def calibration(folder: Path, budget: int, cells: int = 8) -> dict | None:
     """The grid of one seed's ADEPT runs with N samples (adept-<agent>-samples<N>[-upenalty..][-uthreshold..]-s<seed>),
     each scored up to the budget; the choice among the finished penalized cells by the rule of results/README.md."""
     runs = {name: [r for r in rows if r["step"] <= budget] for name, rows in all_runs(folder).items()
-            if re.fullmatch(r".*-adept-[a-z]+-samples\d+(-upenalty[^-]+)?(-uthreshold[^-]+)?-s\d+", name)}
+            if re.fullmatch(rf".*-adept-[a-z]+-samples\d+(-upenalty{NUMBER})?(-uthreshold{NUMBER})?-s\d+", name)}
     runs = {name: rows for name, rows in runs.items() if rows}
     seeds = {name.rsplit("-s", 1)[1] for name in runs}
     if len(seeds) > 1:
