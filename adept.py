@@ -1580,6 +1580,9 @@ def medium_learner(args: Args) -> tuple[nn.Module, dict[str, np.ndarray], dict]:
         if (work / "checkpoint.pt").exists():
             ck = torch.load(work / "checkpoint.pt", map_location="cpu", weights_only=False)
             t, history = ck["step"], ck["history"]
+            if t > cap:
+                raise UserError(f"the online learner for {args.env}'s medium data is at step {t} ({work}), past "
+                                f"--online-steps-cap {cap}: raise the cap or lower --medium-return")
             agent.load_state_dict(ck["agent"])
             set_rng_state(ck["rng"])
             for k in tr:

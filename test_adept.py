@@ -1581,6 +1581,8 @@ def test_medium_learner_resumes_after_a_kill_and_stops_at_its_cap(tmp_path, monk
     for k in ("s", "a", "r", "s_next", "terminal"):  # the transitions before the kill are kept as they were
         np.testing.assert_array_equal(later["transitions"][k][:n], first["transitions"][k])
     assert later["transitions"]["timeout"][n - 1] == 1 - later["transitions"]["terminal"][n - 1]  # cut episode
+    with pytest.raises(adept.UserError, match=f"at step {n + 100} .*past --online-steps-cap {n}"):  # a lower cap
+        adept.load_transitions(Args(dataset="medium-replay", **dict(never, online_steps_cap=n)))
 
 
 def test_dataset_ids_and_an_unknown_dataset_name():
