@@ -1078,22 +1078,27 @@ def main(args: Args) -> dict:
     check_args(args)
     device = setup_torch(args)
     run_dir = Path(args.output_dir) / run_name(args)
-    if args.resume and not (run_dir / "checkpoint.pt").exists():
-        raise UserError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
-    if not args.resume and (run_dir / "checkpoint.pt").exists():  # never train over a run's results unasked
-        raise UserError(f"{run_dir} already holds a run: --resume continues it (or, finished, does nothing), "
-                        "--run-name names a new one, or delete the folder to start it over")
-    if not args.resume and any((run_dir / f).exists() for f in ("metrics.csv", "summary.json")):
-        raise UserError(f"{run_dir} holds a run's results but no checkpoint to continue: --run-name names a new run, "
-                        "or delete the folder to start it over")
-    ck = read_checkpoint(run_dir / "checkpoint.pt", args) if args.resume else None  # refuses other settings
-    print(f"device: {device} | run folder: {run_dir}", flush=True)
-
-    run, _ = setup(args, device, run_dir, pretrain=ck is None)  # resumed: the model and pi_D are in the checkpoint
+    made = not run_dir.exists()
+    lock = hold_run_folder(run_dir)  # held until main returns: one process per run folder
+    try:
+        if args.resume and not (run_dir / "checkpoint.pt").exists():
+            raise UserError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
+        if not args.resume and (run_dir / "checkpoint.pt").exists():  # never train over a run's results unasked
+            raise UserError(f"{run_dir} already holds a run: --resume continues it (or, finished, does nothing), "
+                            "--run-name names a new one, or delete the folder to start it over")
+        if not args.resume and any((run_dir / f).exists() for f in ("metrics.csv", "summary.json")):
+            raise UserError(f"{run_dir} holds a run's results but no checkpoint to continue: --run-name names a new "
+                            "run, or delete the folder to start it over")
+        ck = read_checkpoint(run_dir / "checkpoint.pt", args) if args.resume else None  # refuses other settings
+        print(f"device: {device} | run folder: {run_dir}", flush=True)
+        run, _ = setup(args, device, run_dir, pretrain=ck is None)  # resumed: model and pi_D are in the checkpoint
+    except BaseException:
+        if made:  # a failed start leaves no run folder
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     D, agent, wm, D_hat, log = run.D, run.agent, run.wm, run.D_hat, run.log
     adapt = args.world_model and args.importance_sampling
 
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now that the run can start: a failed start leaves no folder
     start = load_checkpoint(ck, run) if ck else 0
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     if start >= args.total_steps and summary.get("total_steps") == start:  # a finished run: keep what it wrote
@@ -1393,6 +1398,21 @@ def file_lock(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def hold_run_folder(run_dir: Path):
+    """The run folder, made if need be, and an exclusive lock on it (<run folder>/.lock) that holds while the
+    returned file stays open: a second process on the same run stops with an error instead of mixing its results
+    with this one's. The OS drops the lock when the process dies."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"another process is running {run_dir}; wait for it, or name this run otherwise "
+                        "(--run-name)") from None
+    return f
 
 
 def atomic_write(path: Path, write: Callable) -> None:

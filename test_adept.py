@@ -440,6 +440,21 @@ def test_resume_continues_exactly(tmp_path, data, capsys):
     assert resumed["rollout_transitions_per_second"] > 0  # measured on this process's rollouts only
 
 
+def test_a_second_process_on_a_running_run_stops(tmp_path, data):
+    """Two processes on one run folder would mix their checkpoints and metrics: while one holds the folder's lock
+    (here another open file, which flock treats as another process's), a second start is refused and changes nothing."""
+    import fcntl
+    adept.main(tiny(tmp_path, total_steps=20, world_model=False))
+    run = tmp_path / "hopper-random-sac-s0"
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    with open(run / ".lock", "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(adept.UserError, match="another process is running"):
+            adept.main(tiny(tmp_path, total_steps=40, world_model=False, resume=True))
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+    assert adept.main(tiny(tmp_path, total_steps=40, world_model=False, resume=True))["total_steps"] == 40  # freed
+
+
 def test_a_run_killed_between_checkpoint_and_metrics_resumes(tmp_path, data, monkeypatch):
     """At an evaluation the checkpoint is written before metrics.csv: a run killed between the two at its first
     evaluation resumes, rather than being refused as results without a checkpoint, and metrics.csv is whole after."""

@@ -371,7 +371,8 @@ def _execute(spec: dict, wt: Path, run_dir: Path, log: Path, commit: str, lock) 
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(os.getpid()), *cmd[1:]], stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=spec["task_dir"],
                                 pass_fds=(lock.fileno(),))
-        write_json(marker, {**note, "pid": proc.pid})
+        with contextlib.suppress(OSError):  # a note only: nothing may stop this process from waiting on its child,
+            write_json(marker, {**note, "pid": proc.pid})  # whose run lock it shares
         rc = proc.wait()
     seconds = time.time() - t0
     summary = read_json(summary_path)
