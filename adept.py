@@ -1092,9 +1092,11 @@ def main(args: Args) -> dict:
         ck = read_checkpoint(run_dir / "checkpoint.pt", args) if args.resume else None  # refuses other settings
         print(f"device: {device} | run folder: {run_dir}", flush=True)
         run, _ = setup(args, device, run_dir, pretrain=ck is None)  # resumed: model and pi_D are in the checkpoint
-    except BaseException:
-        if made:  # a failed start leaves no run folder
+    except BaseException:  # a failed start leaves no run folder, and nothing in one it did not make
+        if made:
             shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            (run_dir / ".lock").unlink(missing_ok=True)
         raise
     D, agent, wm, D_hat, log = run.D, run.agent, run.wm, run.D_hat, run.log
     adapt = args.world_model and args.importance_sampling

@@ -102,6 +102,11 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch):
         with pytest.raises(adept.UserError):
             adept.main(args)
         assert not (tmp_path / "runs" / adept.run_name(args)).exists()
+    made_before = tmp_path / "runs" / adept.run_name(args)  # a folder made by another (the sweep) is left as it was
+    made_before.mkdir()
+    with pytest.raises(adept.UserError):
+        adept.main(args)
+    assert made_before.is_dir() and list(made_before.iterdir()) == []
 
 
 def test_help_has_one_default_per_option_and_names_the_run_name_suffixes():
