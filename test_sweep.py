@@ -348,6 +348,7 @@ def test_report_scores_each_run_at_the_budget_it_finished(tmp_path, capsys):
     assert "| ADEPT-SAC | 2 | 200 | 5.0 +- 1.0 |" in text  # (3 + 5)/2 = 4 and 6: the rows after 200 left out
     assert "| 0.6 (1 of 2 seeds) |" in text
     assert "| SAC | 2 | 200-300 |" in text
+    assert "(seeds at different budgets, pooled in one mean: SAC; see the steps column)" in text
     assert "| SAC | +2.5 (seeds 0) | +2.5 |" in text  # seed 0 alone: 4 - 1.5; seed 1's runs ended at other budgets
     assert "(not paired: Diff+SAC: no seed at the same budget in both arms)" in text
     report.milestones(folder, [200], None)

@@ -240,6 +240,7 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
     print("| arm | seeds | steps | mean +- std | 95% bootstrap CI | best run | per seed | sim state err (H) "
           "| sim return err (H) | eps_pi |" + "".join(f" {UNCERTAINTY[k]} |" for k in extra))
     print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra))
+    mixed = []
     for arm in arms:
         s = np.array(list(score[arm].values()))
         lo, hi = bootstrap_ci(s)
@@ -251,11 +252,15 @@ def ablation(folder: Path, png: Path | None, reference: str | None = None) -> No
             return f"{np.nanmean(per_seed):.3g}" + (f" ({n} of {len(per_seed)} seeds)" if n < len(per_seed) else "")
 
         steps = sorted({int(rows[-1]["step"]) for rows in runs[arm].values()})
+        if len(steps) > 1:
+            mixed.append(ABLATION_ARMS.get(arm, arm))
         steps = str(steps[0]) if len(steps) == 1 else "-".join(map(str, (steps[0], steps[-1])))
         print(f"| {ABLATION_ARMS.get(arm, arm)} | {len(s)} | {steps} | {s.mean():.1f} +- {s.std():.1f} | "
               f"[{lo:.1f}, {hi:.1f}] | {s.max():.1f} | {', '.join(f'{x:.1f}' for x in s)} | "
               f"{err('sim_state_error_h')} | {err('sim_return_error_h')} | {err('eps_pi')} |"
               + "".join(f" {err(k)} |" for k in extra))
+    if mixed:
+        print(f"\n(seeds at different budgets, pooled in one mean: {', '.join(mixed)}; see the steps column)")
     try:
         pairs = comparisons(arms, reference)
     except SystemExit as e:  # not in this folder
