@@ -1348,7 +1348,9 @@ def machine(device: torch.device) -> dict:
     """What made the numbers: float results (and so a run's path) can differ between CPU models and libraries."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                None) if os.path.exists("/proc/cpuinfo") else None
-    return {"cpu": cpu, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    # the vector instructions torch's kernels use (e.g. AVX2, AVX512): CPUs of one model name may differ in them
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "torch": torch.__version__, "numpy": np.__version__, "threads": torch.get_num_threads()}
 
 

@@ -395,6 +395,7 @@ def test_agent_alone_trains_evaluates_checkpoints_and_resumes(tmp_path, data, ag
                 "total_steps", "train_steps_per_second", "wall_seconds", "machine"):
         assert key in summary, key
     assert summary["machine"]["torch"] == torch.__version__ and summary["machine"]["threads"] == 1
+    assert summary["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert summary["normalized_score"] == pytest.approx(
         100 * (summary["return"] + 20.272305) / (3234.3 + 20.272305))
     ck = load(run / "checkpoint.pt")
