@@ -411,7 +411,7 @@ class TanhGaussianActor(GaussianHead):
     """pi(a|s) = tanh(N(mu(s), sigma(s)^2)), a Policy: SAC's squashed policy."""
 
     def log_prob(self, s, a):
-        # The squashed density is infinite at |a| = 1; keep dataset actions a hair inside the bounds.
+        # atanh(+-1) is infinite, and log_prob nan there; keep dataset actions a hair inside the bounds.
         u = torch.atanh(a.clamp(-1.0 + 1e-4, 1.0 - 1e-4))
         return gaussian_log_prob(u, *self(s)) - tanh_log_det(u)
 
@@ -428,7 +428,7 @@ class BetaActor(nn.Module):
     """pi(a|s) = 2 Beta(alpha(s), beta(s)) - 1, alpha, beta = 1 + softplus(.), a Policy: the fitted behavior density
     pi_D. Unlike a Gaussian it puts all its mass on the action box, and it can be nearly uniform, as random data's
     actions are; alpha, beta > 1 keep it unimodal, and at a bound its density falls to 0 only as a power,
-    (1 - |a|)^(alpha - 1), near 1 while alpha is near 1 (log_prob is read 1e-6 inside the bounds)."""
+    (1 - |a|)^(alpha - 1), near 1 while alpha is near 1 (log_prob is read 2e-6 inside the bounds)."""
 
     def __init__(self, s_dim: int, a_dim: int, hidden: int):
         super().__init__()
@@ -1168,7 +1168,7 @@ def setup_torch(args: Args) -> torch.device:
 
 
 def run_name(args: Args) -> str:
-    """<env>-<dataset>-[adept-|diff-]<agent>[-<model settings that differ from the defaults>]-s<seed>"""
+    """<env>-<dataset>-[adept-|diff-]<agent>[-<the variant flags below, where not at their defaults>]-s<seed>"""
     if args.run_name:
         return args.run_name
     mode = "" if not args.world_model else ("adept-" if args.importance_sampling else "diff-")
@@ -1229,7 +1229,9 @@ def return_gap_diagnostics(wm: WorldModel, pi: Policy, pi_D: Policy, b: dict, ga
     drift from the data's behavior policy that Sec. 4.3 ("Policy shifting") says raises eps_pi. Definition 4.3
     (Eq. 8) defines eps_pi between the evaluated policy and the target policy whose rollouts filled D_hat, a shift
     the loop keeps small (PE's rollouts are at most --rollout-every steps stale); and it takes the max over states,
-    too noisy to estimate. So C below, fed this eps_pi, is looser than Eq. 9's would be.
+    too noisy to estimate. So C below, fed this eps_pi, measures another drift than Eq. 9's: an indication, not
+    the theorem's bound. Eq. 9's closed form, kept below as printed, drops 2 r_max eps_m / (1 - gamma) from the sum
+    that ends its proof (sum_t gamma^t (t + 1) = 1/(1 - gamma)^2): about 1% of C's eps_m term at gamma = 0.99.
     The weights are Eq. 3's at lambda = 1 whatever --is-exponent is, self-normalized and truncated as the IWU's
     (--is-max-weight, --no-is-self-normalize), so that arms differing only in lambda see the same weights."""
     w = importance_weights(pi.log_prob(b["s"], b["a"]), b["log_pi_D"], max_weight, self_normalize)
@@ -1897,16 +1899,18 @@ class Progress:
 
 
 def rng_state() -> dict:
-    """Every generator a run draws from: torch's CPU generator, each CUDA device's, and numpy's."""
+    """The global generators: torch's CPU generator, each started CUDA device's, and numpy's (the run's own
+    streams, the IWU's and PE's extra samples, are saved by Run.state_dict). Reading a CUDA generator starts CUDA, so
+    a CPU run on a GPU machine reads none."""
     return {"cpu": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"].cpu())  # set_rng_state takes a CPU ByteTensor only
     np.random.set_state(state["numpy"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"][:torch.cuda.device_count()]])
 
 
 def seed_of(seed: int, stream: str) -> int:
@@ -1918,8 +1922,10 @@ def seed_of(seed: int, stream: str) -> int:
 def own_stream(seed: int, stream: str, device: torch.device):
     """Run the block on torch's generators reseeded by (seed, stream), and give them back as they were after it.
     Pretraining, pi_D and the diagnostics draw here, so that the policy's stream of a seed is the same in every
-    arm (ADEPT, the controls, Diff+) whether the caches hit or missed: paired seeds."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    arm (ADEPT, the controls, Diff+) whether the caches hit or missed: paired seeds. manual_seed reseeds every CUDA
+    device too, so every device is given back once CUDA is in use, by this run or by the block."""
+    cuda = device.type == "cuda" or torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
         torch.manual_seed(seed_of(seed, stream))
         yield
 

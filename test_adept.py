@@ -1354,6 +1354,30 @@ def test_resampled_iwu_trains_on_the_heavy_transitions_with_unit_weights(monkeyp
     assert w is not None and len(b["s"]) == 32 and torch.equal(w > 1, b["r"] == 1)
 
 
+def test_own_stream_draws_its_own_and_gives_the_generators_back():
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with adept.own_stream(3, "a stream", torch.device("cpu")):
+        inside = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before)
+    with adept.own_stream(3, "a stream", torch.device("cpu")):
+        assert torch.equal(torch.rand(4), inside)  # the stream is fixed by (seed, name)
+    with adept.own_stream(3, "another stream", torch.device("cpu")):
+        assert not torch.equal(torch.rand(4), inside)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_own_stream_gives_back_the_cuda_generators_on_a_cpu_block():
+    """The medium data is collected in a CPU block of a run that uses CUDA: manual_seed reseeds the GPU's generator
+    too, and the block must give it back, or the run's draws on the GPU would depend on whether the data was built."""
+    torch.rand(1, device="cuda")
+    before = torch.cuda.get_rng_state()
+    with adept.own_stream(3, "a stream", torch.device("cpu")):
+        torch.rand(4, device="cuda")
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    assert len(adept.rng_state()["cuda"]) == torch.cuda.device_count()
+
+
 def test_arms_of_a_seed_are_paired(tmp_path, data):
     """ADEPT, the w = 1 control and Diff+ of one seed share the pretrained model, pi_D and the policy's random
     stream until their models first differ: after 10 policy steps (one PE, at step 1) the three policies and model
